@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "openvla_http": "rt2_ros.backends.openvla_http:OpenVLAHttpBackend",
     "openpi": "rt2_ros.backends.openpi:OpenPIBackend",
     "openai": "rt2_ros.backends.openai_compat:OpenAICompatBackend",
+    "scripted": "rt2_ros.backends.scripted:ScriptedBackend",
 }
 
 

@@ -1,0 +1,171 @@
+"""What every rt2_ros node shares: declared parameters from ParamSpecs, the main() idiom, images.
+
+Parameters: each node declares its ParamSpecs with a ParameterDescriptor (description with units,
+ranges), reads them back and validates them with the same ``resolve`` the pure core uses, so a
+bad value fails at start-up with the key named. Overrides in the params file that no spec
+declares are an error too (rclpy would otherwise ignore a typo silently).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from rt2_ros.params import ConfigError, ParamSpec, resolve
+
+_PARAM_TYPES = {
+    "bool": (ParameterType.PARAMETER_BOOL, Parameter.Type.BOOL),
+    "int": (ParameterType.PARAMETER_INTEGER, Parameter.Type.INTEGER),
+    "double": (ParameterType.PARAMETER_DOUBLE, Parameter.Type.DOUBLE),
+    "string": (ParameterType.PARAMETER_STRING, Parameter.Type.STRING),
+    "double_array": (ParameterType.PARAMETER_DOUBLE_ARRAY, Parameter.Type.DOUBLE_ARRAY),
+    "int_array": (ParameterType.PARAMETER_INTEGER_ARRAY, Parameter.Type.INTEGER_ARRAY),
+    "string_array": (ParameterType.PARAMETER_STRING_ARRAY, Parameter.Type.STRING_ARRAY),
+}
+
+# Latched topics (instruction, status): reliable + transient-local so late joiners get the last one.
+LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Arm actions: reliable and deep enough that a slow subscriber never loses a step of a chunk.
+ACTION_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+# Controller commands: reliable, shallow; a command that cannot be delivered now is worthless later.
+COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
+
+def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    desc = spec.description + (f" [{spec.units}]" if spec.units else "")
+    if spec.choices:
+        desc += f" (one of: {', '.join(spec.choices)})"
+    d = ParameterDescriptor(name=spec.name, type=_PARAM_TYPES[spec.type][0], description=desc, read_only=True)
+    if spec.type == "double" and spec.low is not None and spec.high is not None:
+        d.floating_point_range = [FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high), step=0.0)]
+    if spec.type == "int" and spec.low is not None and spec.high is not None:
+        d.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=0)]
+    return d
+
+
+def declare_and_read(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
+    """Declare ``specs`` on ``node`` and return their validated values (ConfigError names the key)."""
+    specs = list(specs)
+    values: dict[str, Any] = {}
+    for spec in specs:
+        default = spec.default
+        try:
+            if isinstance(default, list) and not default:
+                # rclpy cannot infer a type from an empty list: declare by type, keep the default here.
+                node.declare_parameter(spec.name, _PARAM_TYPES[spec.type][1], _descriptor(spec))
+            else:
+                node.declare_parameter(spec.name, default, _descriptor(spec))
+            try:
+                value = node.get_parameter(spec.name).value
+            except ParameterUninitializedException:
+                value = None  # declared by type and not overridden: the spec's default applies
+        except Exception as exc:  # rclpy raises several unrelated types for a bad override
+            raise ConfigError(f"{spec.name}: {exc}") from exc
+        values[spec.name] = default if value is None else (list(value) if spec.type.endswith("_array") else value)
+    return resolve(specs, values)
+
+
+def reject_unknown_overrides(node: Node, allow_prefixes: tuple[str, ...] = ()) -> None:
+    """Fail on params-file keys that no spec declared (typos must not be silently ignored)."""
+    declared = set(node._parameters)  # rclpy keeps declared parameters here
+    unknown = sorted(k for k in node._parameter_overrides
+                     if k not in declared and k != "use_sim_time" and not k.startswith(allow_prefixes))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) for node {node.get_name()}: {', '.join(unknown)}")
+
+
+def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
+    """The standard rclpy main: init, build, spin, clean shutdown; ConfigError -> exit 2."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = factory()
+        rclpy.spin(node)
+    except ConfigError as exc:
+        print(f"[rt2_ros] configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+# -- images ---------------------------------------------------------------------------------------
+class ImageConversionError(ValueError):
+    """A camera message could not be turned into an RGB array (encoding, size, corrupt data)."""
+
+
+_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1}
+
+
+def image_msg_to_rgb(msg: Any) -> np.ndarray:
+    """``sensor_msgs/Image`` -> uint8 HxWx3 RGB (numpy view + channel fix; cv_bridge is not needed)."""
+    enc = msg.encoding
+    if enc not in _CHANNELS:
+        raise ImageConversionError(f"unsupported image encoding {enc!r}; use one of {sorted(_CHANNELS)}")
+    ch = _CHANNELS[enc]
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise ImageConversionError(f"empty image {w}x{h}")
+    if step < w * ch or len(msg.data) < step * h:
+        raise ImageConversionError(f"image data too short: {len(msg.data)} bytes for {w}x{h} {enc} step {step}")
+    buf = np.frombuffer(bytes(msg.data), dtype=np.uint8, count=step * h).reshape(h, step)[:, : w * ch]
+    img = buf.reshape(h, w, ch)
+    if enc in ("bgr8", "8UC3"):
+        img = img[:, :, ::-1]
+    elif enc == "rgba8":
+        img = img[:, :, :3]
+    elif enc == "bgra8":
+        img = img[:, :, 2::-1]
+    elif ch == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img)
+
+
+def compressed_msg_to_rgb(msg: Any) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (JPEG/PNG) -> uint8 HxWx3 RGB."""
+    import cv2
+
+    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise ImageConversionError(f"could not decode compressed image (format {msg.format!r}, {data.size} bytes)")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def rgb_to_image_msg(image: np.ndarray, stamp: Any, frame_id: str) -> Any:
+    """uint8 HxWx3 RGB -> ``sensor_msgs/Image`` rgb8."""
+    from sensor_msgs.msg import Image
+
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(image.shape[0]), int(image.shape[1])
+    msg.encoding = "rgb8"
+    msg.is_bigendian = 0
+    msg.step = msg.width * 3
+    msg.data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    return msg
+
+
+def stamp_to_sec(stamp: Any) -> float:
+    return float(stamp.sec) + float(stamp.nanosec) * 1e-9

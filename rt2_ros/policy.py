@@ -1,0 +1,294 @@
+"""The policy loop without ROS: which observation to send, which reply to trust, what to execute.
+
+DESIGN.md: "latency is a safety property". This module owns every rule about time:
+
+* only the newest camera frame is sent, and only if it is fresh (``policy.max_frame_age_s``);
+* every request carries a sequence id; a reply is matched to its request, and a reply that
+  answers an abandoned (timed-out), older or previous-episode request is dropped and counted;
+* a reply whose observation is older than ``policy.max_reply_age_s`` when it arrives is dropped
+  ("late"): an action computed for where the arm was is not executed where the arm is now;
+* replies become a queue of actions executed at ``policy.execute_rate_hz``. Chunking backends
+  (OpenVLA, openpi) return several; the next request goes out while ``policy.refill_threshold``
+  actions remain, a new chunk is aligned to the step its observation was taken at (actions
+  meant for steps already executed are skipped) and blended with what is left of the old one.
+
+The ROS node (``rt2_ros.nodes.policy_node``) only feeds frames, instructions and clock readings
+in and publishes what comes out; the backend call itself runs on a worker thread there.
+Rejected: executing a reply "whenever it comes" (LeRobot/OpenVLA bridges) — that is the
+late-reply bug users report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rt2_ros.actions import ArmAction, BackendReply, Observation
+from rt2_ros.backends import BACKENDS
+from rt2_ros.params import ParamSpec, resolve
+from rt2_ros.tokens import ActionTokenizer, TokenError
+
+POLICY_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("backend.type", "string", "embedded", "Which VLA backend answers observations",
+              choices=tuple(BACKENDS)),
+    ParamSpec("backend.timeout_s", "double", 2.0, "Deadline of one backend request", "s", 0.05, 120.0),
+    ParamSpec("policy.execute_rate_hz", "double", 10.0,
+              "Rate at which queued actions are released to the safety node (one action per step)", "Hz", 0.5, 100.0),
+    ParamSpec("policy.max_frame_age_s", "double", 0.5,
+              "A camera frame older than this is never sent (stale camera -> no request -> watchdog hold)",
+              "s", 0.01, 10.0),
+    ParamSpec("policy.max_reply_age_s", "double", 2.5,
+              "A reply whose camera frame is older than this when the reply arrives is dropped as late", "s",
+              0.05, 120.0),
+    ParamSpec("policy.refill_threshold", "int", 1,
+              "Send the next request when at most this many queued actions remain", "actions", 0, 100),
+    ParamSpec("policy.chunk_blend", "string", "latest_only",
+              "How a new action chunk merges with the rest of the old one",
+              choices=("latest_only", "weighted_average")),
+    ParamSpec("policy.chunk_blend_weight", "double", 0.5,
+              "weighted_average: weight of the new chunk on overlapping steps", "", 0.0, 1.0),
+    ParamSpec("policy.base_frame", "string", "panda_link0", "Frame id of published arm actions (robot base)"),
+)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    backend_type: str
+    backend_timeout_s: float
+    execute_rate_hz: float
+    max_frame_age_s: float
+    max_reply_age_s: float
+    refill_threshold: int
+    chunk_blend: str
+    chunk_blend_weight: float
+    base_frame: str
+
+    @classmethod
+    def from_params(cls, values: dict) -> PolicyConfig:
+        """Build from flat ``backend.*``/``policy.*`` keys (other sections are ignored here)."""
+        mine = {k: v for k, v in values.items() if k in {s.name for s in POLICY_PARAMS}}
+        p = resolve(POLICY_PARAMS, mine)
+        return cls(p["backend.type"], p["backend.timeout_s"], p["policy.execute_rate_hz"],
+                   p["policy.max_frame_age_s"], p["policy.max_reply_age_s"], p["policy.refill_threshold"],
+                   p["policy.chunk_blend"], p["policy.chunk_blend_weight"], p["policy.base_frame"])
+
+
+@dataclass(frozen=True)
+class Request:
+    """An observation on its way to the backend."""
+
+    observation: Observation
+    episode_id: int
+    sent_at: float  # monotonic seconds
+    frame_age_at_send_s: float
+    step_at_send: int  # execute-step counter when the frame was sent (chunk alignment)
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What became of one reply; the node publishes it (tokens message, log line)."""
+
+    seq: int
+    accepted: bool
+    reason: str  # "ok" or why it was dropped/rejected: late, stale_episode, unknown_seq, invalid_tokens, ...
+    detail: str = ""
+    bins: np.ndarray | None = None
+    plan: str = ""
+    text: str = ""
+    actions: tuple[ArmAction, ...] = ()
+    latency_s: float = math.nan
+    server_time_s: float = math.nan
+    backend: str = ""
+
+
+@dataclass
+class _Frame:
+    image: np.ndarray
+    stamp: float  # ROS time, seconds
+    received_at: float  # monotonic
+    age_at_receipt_s: float
+
+
+@dataclass
+class PolicyCore:
+    """Sequencing, freshness, chunk queue. Not thread-safe: call from one thread (the node's)."""
+
+    config: PolicyConfig
+    tokenizer: ActionTokenizer
+    backend_name: str = "backend"
+    counters: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.instruction = ""
+        self.episode_id = 0
+        self.finished = False  # terminate executed: no requests until a new instruction
+        self._seq = 0
+        self._frame: _Frame | None = None
+        self._last_sent_frame_stamp: float | None = None
+        self._state: dict = {}
+        self._in_flight: dict[int, Request] = {}
+        self._queue: deque[ArmAction] = deque()
+        self._step = 0
+        self.last_latency_s = math.nan
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def set_instruction(self, text: str) -> int:
+        """A new instruction starts a new episode (even if the text repeats); empty -> idle."""
+        self.instruction = text.strip()
+        self.episode_id += 1
+        self.finished = False
+        self._queue.clear()
+        self._in_flight.clear()  # replies to old requests will be dropped as stale
+        return self.episode_id
+
+    def on_frame(self, image: np.ndarray, stamp: float, now: float, age_s: float = 0.0) -> None:
+        """Keep only the latest frame; ``age_s`` is its age (ROS now - header stamp) on arrival."""
+        self._frame = _Frame(image, stamp, now, max(0.0, age_s))
+
+    def on_state(self, ee_position=None, ee_orientation=None, gripper: float | None = None) -> None:
+        if ee_position is not None:
+            self._state["ee_position"] = np.asarray(ee_position, dtype=np.float64)
+        if ee_orientation is not None:
+            self._state["ee_orientation"] = np.asarray(ee_orientation, dtype=np.float64)
+        if gripper is not None:
+            self._state["gripper"] = float(gripper)
+
+    # -- requests -------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return bool(self.instruction) and not self.finished
+
+    def abandon_overdue(self, now: float) -> list[int]:
+        """Forget requests past their deadline (their replies, if any, count as late)."""
+        overdue = [s for s, r in self._in_flight.items() if now - r.sent_at > self.config.backend_timeout_s + 0.5]
+        for s in overdue:
+            del self._in_flight[s]
+            self.counters["requests_abandoned"] += 1
+        return overdue
+
+    def next_request(self, now: float) -> Request | None:
+        """The observation to send now, or None (nothing to do, busy, or no fresh frame)."""
+        if not self.active or self._in_flight or len(self._queue) > self.config.refill_threshold:
+            return None
+        frame = self._frame
+        if frame is None:
+            return None
+        if frame.stamp == self._last_sent_frame_stamp:
+            return None  # never send the same frame twice: wait for a new one
+        age = frame.age_at_receipt_s + (now - frame.received_at)
+        if age > self.config.max_frame_age_s:
+            self.counters["frames_stale"] += 1
+            return None
+        self._seq += 1
+        obs = Observation(image=frame.image, instruction=self.instruction, seq=self._seq, stamp=frame.stamp,
+                          ee_position=self._state.get("ee_position"),
+                          ee_orientation=self._state.get("ee_orientation"),
+                          gripper=self._state.get("gripper"))
+        req = Request(obs, self.episode_id, now, age, self._step)
+        self._in_flight[obs.seq] = req
+        self._last_sent_frame_stamp = frame.stamp
+        self.counters["requests_sent"] += 1
+        return req
+
+    # -- replies --------------------------------------------------------------------------------
+    def on_reply(self, seq: int, reply: BackendReply | None, error: BaseException | None, now: float
+                 ) -> ReplyOutcome:
+        """Match a reply (or the error of its request) to its request and queue its actions."""
+        req = self._in_flight.pop(seq, None)
+        if req is None:
+            return self._drop(seq, "unknown_seq", "reply to an abandoned or earlier request", reply)
+        latency = now - req.sent_at
+        self.last_latency_s = latency
+        if error is not None:
+            self.counters["backend_errors"] += 1
+            return ReplyOutcome(seq, False, "backend_error", f"{type(error).__name__}: {error}",
+                                latency_s=latency, backend=self.backend_name)
+        assert reply is not None
+        if reply.seq != seq:
+            return self._drop(seq, "seq_mismatch", f"backend answered seq {reply.seq}", reply, latency)
+        if req.episode_id != self.episode_id:
+            return self._drop(seq, "stale_episode", "instruction changed while the request was in flight",
+                              reply, latency)
+        age = req.frame_age_at_send_s + latency
+        if age > self.config.max_reply_age_s:
+            return self._drop(seq, "late", f"frame was {age:.2f}s old at reply (max {self.config.max_reply_age_s}s)",
+                              reply, latency)
+        try:
+            bins, plan, actions = self._decode(reply, seq)
+        except (TokenError, ValueError) as exc:
+            self.counters["replies_invalid"] += 1
+            return ReplyOutcome(seq, False, "invalid_tokens", str(exc), text=reply.text or "", latency_s=latency,
+                                server_time_s=reply.server_time_s, backend=reply.backend)
+        self._enqueue(actions, req.step_at_send)
+        self.counters["replies_accepted"] += 1
+        return ReplyOutcome(seq, True, "ok", "", bins, plan, reply.text or "", tuple(actions), latency,
+                            reply.server_time_s, reply.backend)
+
+    def _drop(self, seq: int, reason: str, detail: str, reply: BackendReply | None, latency: float = math.nan
+              ) -> ReplyOutcome:
+        self.counters[f"replies_dropped_{reason}"] += 1
+        return ReplyOutcome(seq, False, reason, detail, text=(reply.text or "") if reply else "", latency_s=latency,
+                            backend=reply.backend if reply else self.backend_name)
+
+    def _decode(self, reply: BackendReply, seq: int) -> tuple[np.ndarray | None, str, list[ArmAction]]:
+        answers = sum(x is not None for x in (reply.text, reply.token_ids, reply.actions))
+        if answers != 1:
+            raise ValueError(f"reply must carry exactly one of text/token_ids/actions, got {answers}")
+        if reply.text is not None:
+            parsed = self.tokenizer.parse_text(reply.text)
+            return parsed.bins, parsed.plan, [self.tokenizer.decode(parsed.bins, observation_seq=seq)]
+        if reply.token_ids is not None:
+            bins = self.tokenizer.bins_from_ids(reply.token_ids)
+            return bins, "", [self.tokenizer.decode(bins, observation_seq=seq)]
+        chunk = np.asarray(reply.actions, dtype=np.float64)
+        if chunk.ndim == 1:
+            chunk = chunk[None, :]
+        if chunk.ndim != 2 or chunk.shape[0] == 0:
+            raise ValueError(f"action chunk must have shape (horizon, dim), got {chunk.shape}")
+        return None, "", [self.tokenizer.decode_continuous(row, observation_seq=seq) for row in chunk]
+
+    def _enqueue(self, actions: list[ArmAction], step_at_send: int) -> None:
+        if len(actions) == 1:
+            # One action per reply (RT-2 style): it is the next step, after those already queued.
+            self._queue.append(actions[0])
+            return
+        # A chunk: actions meant for steps that already ran while the request was in flight are
+        # skipped (the last one is always kept), and the chunk supersedes the old chunk's rest.
+        skip = min(max(0, self._step - step_at_send), len(actions) - 1)
+        new = list(actions[skip:])
+        self.counters["chunk_actions_skipped"] += skip
+        old = list(self._queue)
+        if self.config.chunk_blend == "weighted_average" and old:
+            w = self.config.chunk_blend_weight
+            for i in range(min(len(old), len(new))):
+                a, b = old[i], new[i]
+                if a.terminate or b.terminate or a.gripper_relative != b.gripper_relative:
+                    continue  # terminate and gripper mode switches are never averaged away
+                new[i] = dataclasses.replace(b, translation=w * b.translation + (1 - w) * a.translation,
+                                             rotation=w * b.rotation + (1 - w) * a.rotation)
+        self._queue = deque(new)
+
+    # -- execution ------------------------------------------------------------------------------
+    def pop_action(self) -> ArmAction | None:
+        """The action for this execute step (call at ``policy.execute_rate_hz``)."""
+        self._step += 1
+        if not self.active or not self._queue:
+            return None
+        action = self._queue.popleft()
+        if action.terminate:
+            self.finished = True
+            self._queue.clear()
+            self.counters["episodes_terminated"] += 1
+        return action
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)

@@ -1,0 +1,231 @@
+"""The policy and safety nodes over real DDS: rt2-bringup in its own process, a probe node here.
+
+The probe plays camera, arm driver and operator: it publishes images, the end-effector pose and
+instructions, and records what rt2_ros sends to the controller. The ``scripted`` backend
+supplies known model answers (and delays) so each scenario is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS, rgb_to_image_msg  # noqa: E402
+from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
+from test.ros_helpers import Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
+
+MOVE_X = "0 160 128 128 128 128 128 0"  # +x, gripper open (rt2 profile)
+TERMINATE = "1 128 128 128 128 128 128 0"
+SAFETY = {"safety.watchdog_timeout_s": 0.6, "safety.command_rate_hz": 30.0}
+
+
+@pytest.fixture(scope="module")
+def probe():
+    isolate_ros_domain()
+    p = Probe()
+    p.record(TwistStamped, "/servo_node/delta_twist_cmds", COMMAND_QOS, "twist")
+    p.record(ArmAction, "/arm_action", ACTION_QOS, "action")
+    p.record(SafetyStatus, "/rt2_safety/status", LATCHED_QOS, "status")
+    p.record(ActionTokens, "/rt2_policy/action_tokens", 10, "tokens")
+    # The probe is the camera and the arm driver.
+    image_pub = p.node.create_publisher(Image, "/camera/image", 10)
+    pose_pub = p.node.create_publisher(PoseStamped, "/ee_pose", 10)
+    frame = np.zeros((64, 64, 3), dtype=np.uint8)
+
+    def publish_sensors() -> None:
+        now = p.node.get_clock().now().to_msg()
+        image_pub.publish(rgb_to_image_msg(frame, now, "camera"))
+        pose = PoseStamped()
+        pose.header.stamp, pose.header.frame_id = now, "panda_link0"
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
+        pose.pose.orientation.w = 1.0
+        pose_pub.publish(pose)
+
+    p.node.create_timer(0.05, publish_sensors)
+    p.instruction_pub = p.node.create_publisher(String, "/instruction", LATCHED_QOS)
+    yield p
+    p.close()
+
+
+def run_stack(tmp_path, answers, delays=(0.0,), policy_extra=None, safety_extra=None):
+    policy = {"backend.type": "scripted", "backend.timeout_s": 3.0, "backend.scripted.answers": list(answers),
+              "backend.scripted.delays_s": list(delays), "backend.scripted.repeat": False,
+              "policy.execute_rate_hz": 10.0, **(policy_extra or {})}
+    params = write_params(tmp_path / "params.yaml", policy=policy, safety={**SAFETY, **(safety_extra or {})})
+    return start_bringup(params, log=tmp_path / "bringup.log")
+
+
+def latest_status(probe):
+    msgs = probe.messages["status"]
+    return msgs[-1][1] if msgs else None
+
+
+def wait_ready(probe, proc, tmp_path):
+    """Until the safety node's latched status arrived and the policy subscribes to instructions."""
+    try:
+        probe.wait_for(lambda: proc.poll() is not None or (
+            latest_status(probe) is not None and probe.instruction_pub.get_subscription_count() >= 2),
+            20.0, "rt2-bringup nodes to come up")
+        assert proc.poll() is None, "rt2-bringup exited"
+    except AssertionError:
+        raise AssertionError((tmp_path / "bringup.log").read_text()) from None
+
+
+def say(probe, text: str) -> float:
+    t0 = time.monotonic()
+    probe.instruction_pub.publish(String(data=text))
+    return t0
+
+
+def linear(tw) -> np.ndarray:
+    return np.array([tw.twist.linear.x, tw.twist.linear.y, tw.twist.linear.z])
+
+
+def test_actions_move_the_arm_then_terminate_holds(probe, tmp_path):
+    proc = run_stack(tmp_path, [MOVE_X] * 5 + [TERMINATE])
+    try:
+        wait_ready(probe, proc, tmp_path)
+        t0 = say(probe, "push the block forward")
+        probe.wait_for(lambda: any(a.terminate for a in probe.since("action", t0)), 20.0, "the terminate action")
+        actions = probe.since("action", t0)
+        moves = [a for a in actions if not a.terminate]
+        assert len(moves) == 5
+        ep = moves[0].episode_id
+        assert all(a.episode_id == ep for a in actions)
+        # bin 128 is not exactly zero in the RT-1 discretisation (zero lies at 127.5): 0.6 mm
+        assert all(a.translation.x > 0.005 and abs(a.translation.y) < 1e-3 for a in moves)
+        # The controller saw motion in +x, freshly stamped ...
+        twists = probe.since("twist", t0)
+        assert any(linear(t)[0] > 1e-3 for t in twists), "no +x twist reached the controller"
+        # ... and after terminate: status TERMINATED and only zero twists.
+        probe.wait_for(lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.TERMINATED,
+                       5.0, "TERMINATED status")
+        t_term = time.monotonic()
+        probe.wait_for(lambda: len(probe.since("twist", t_term)) >= 10, 5.0, "keep-alive twists after terminate")
+        after = probe.since("twist", t_term)
+        assert all(np.allclose(linear(t), 0.0) for t in after)
+        now_ros = probe.node.get_clock().now().nanoseconds * 1e-9
+        last = after[-1].header.stamp
+        assert now_ros - (last.sec + last.nanosec * 1e-9) < 0.5, "twists must be freshly stamped"
+        tokens = probe.since("tokens", t0)
+        assert list(tokens[0].tokens) == [int(x) for x in MOVE_X.split()]
+    finally:
+        assert stop(proc) == 0, (tmp_path / "bringup.log").read_text()
+
+
+def test_late_reply_is_not_executed(probe, tmp_path):
+    # Every answer takes 1.0 s, but a frame may be at most 0.4 s old when its reply arrives.
+    proc = run_stack(tmp_path, [MOVE_X], delays=[1.0], policy_extra={"policy.max_reply_age_s": 0.4})
+    try:
+        wait_ready(probe, proc, tmp_path)
+        t0 = say(probe, "move")
+        probe.wait_for(lambda: len(probe.since("tokens", t0)) >= 2, 10.0, "two (late) replies")
+        assert probe.since("action", t0) == [], "a late reply was executed"
+        assert all(np.allclose(linear(t), 0.0) for t in probe.since("twist", t0))
+        assert "late" in (tmp_path / "bringup.log").read_text()
+    finally:
+        stop(proc)
+
+
+def test_watchdog_halts_when_backend_stalls(probe, tmp_path):
+    # Three quick answers, then the backend stalls (10 s > timeout 3 s).
+    proc = run_stack(tmp_path, [MOVE_X] * 3 + [MOVE_X], delays=[0.0, 0.0, 0.0, 10.0])
+    try:
+        wait_ready(probe, proc, tmp_path)
+        t0 = say(probe, "move and stall")
+        probe.wait_for(lambda: len(probe.since("action", t0)) >= 3, 10.0, "three actions")
+        t_last = probe.messages["action"][-1][0]
+        probe.wait_for(lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.HOLDING,
+                       5.0, "HOLDING after the watchdog")
+        # Twists are zero from watchdog_timeout (+ one tick + DDS) after the last action on.
+        held = [(t, m) for t, m in probe.messages["twist"] if t > t_last + SAFETY["safety.watchdog_timeout_s"] + 0.15]
+        probe.wait_for(lambda: len([1 for t, _ in probe.messages["twist"] if t > t_last + 1.0]) >= 5, 5.0,
+                       "twists after the stall")
+        held = [m for t, m in probe.messages["twist"] if t > t_last + SAFETY["safety.watchdog_timeout_s"] + 0.15]
+        assert held and all(np.allclose(linear(m), 0.0) for m in held)
+        assert latest_status(probe).watchdog_trips >= 1
+    finally:
+        stop(proc)
+
+
+def test_estop_wins_until_reset(probe, tmp_path):
+    proc = run_stack(tmp_path, [MOVE_X] * 200, policy_extra={"policy.execute_rate_hz": 10.0})
+    try:
+        wait_ready(probe, proc, tmp_path)
+        t0 = say(probe, "keep moving")
+        probe.wait_for(lambda: any(linear(m)[0] > 1e-3 for m in probe.since("twist", t0)), 10.0, "motion")
+        client = probe.node.create_client(Trigger, "/rt2_safety/estop")
+        assert client.wait_for_service(timeout_sec=5.0)
+        future = client.call_async(Trigger.Request())
+        probe.wait_for(future.done, 5.0, "e-stop service reply")
+        assert future.result().success
+        t_stop = time.monotonic()
+        probe.wait_for(lambda: latest_status(probe).state == SafetyStatus.ESTOPPED, 5.0, "ESTOPPED")
+        # Actions keep coming from the policy, yet every twist after the e-stop (+ DDS) is zero.
+        probe.wait_for(lambda: len(probe.since("action", t_stop)) >= 5, 5.0, "actions during e-stop")
+        assert all(np.allclose(linear(m), 0.0) for m in probe.since("twist", t_stop + 0.1))
+        reset = probe.node.create_client(Trigger, "/rt2_safety/reset")
+        assert reset.wait_for_service(timeout_sec=5.0)
+        f2 = reset.call_async(Trigger.Request())
+        probe.wait_for(f2.done, 5.0, "reset reply")
+        assert f2.result().success
+        probe.wait_for(lambda: latest_status(probe).state == SafetyStatus.IDLE, 5.0, "IDLE after reset")
+        # Still no motion until a new instruction.
+        t_reset = time.monotonic()
+        time.sleep(0.5)  # a window of twists to inspect: absence of motion can only be observed over time
+        assert all(np.allclose(linear(m), 0.0) for m in probe.since("twist", t_reset))
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("safety_params, policy_params, expected", [
+    ({"safety.max_linear_speed_m_s": -1.0}, {}, "safety.max_linear_speed_m_s"),
+    ({"safety.max_lineer_speed_m_s": 0.1}, {}, "safety.max_lineer_speed_m_s"),
+    ({}, {"backend.type": "telepathy"}, "backend.type"),
+    ({}, {"tokenizer.profile": "rt9"}, "tokenizer.profile"),
+])
+def test_bad_params_fail_with_the_key_named(tmp_path, safety_params, policy_params, expected):
+    isolate_ros_domain()
+    params = write_params(tmp_path / "bad.yaml", policy={"backend.type": "scripted", **policy_params},
+                          safety={**SAFETY, **safety_params})
+    proc = start_bringup(params, log=tmp_path / "bringup.log")
+    rc = proc.wait(30)
+    out = (tmp_path / "bringup.log").read_text()
+    assert rc == 2, out
+    assert expected in out
+
+
+def test_broken_yaml_is_reported(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("rt2_policy:\n  ros__parameters:\n    backend: {type: [unclosed\n")
+    proc = start_bringup(bad, log=tmp_path / "bringup.log")
+    assert proc.wait(30) == 2
+    assert "not valid YAML" in (tmp_path / "bringup.log").read_text()
+
+
+def test_new_instruction_cancels_episode(probe, tmp_path):
+    proc = run_stack(tmp_path, [MOVE_X] * 100)
+    try:
+        wait_ready(probe, proc, tmp_path)
+        t0 = say(probe, "first task")
+        probe.wait_for(lambda: len(probe.since("action", t0)) >= 2, 10.0, "first episode actions")
+        first_ep = probe.since("action", t0)[0].episode_id
+        t1 = say(probe, "second task")
+        probe.wait_for(lambda: len(probe.since("action", t1 + 0.3)) >= 3, 10.0, "second episode actions")
+        later = probe.since("action", t1 + 0.3)
+        assert later and all(a.episode_id == first_ep + 1 for a in later)
+        s = latest_status(probe)
+        assert s.instruction == "second task" and s.episode_id == first_ep + 1
+        assert not math.isnan(s.last_action_age_s)
+    finally:
+        stop(proc)
