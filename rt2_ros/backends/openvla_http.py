@@ -1,0 +1,224 @@
+"""Client for an unmodified OpenVLA ``vla-scripts/deploy.py`` server (``POST /act``).
+
+Wire format (fixed by the peer, not by us): the request body is JSON whose numpy arrays are
+encoded by ``json-numpy`` (``{"__numpy__": base64, "dtype": ..., "shape": ...}``):
+``{"image": uint8 HxWx3 RGB, "instruction": str, "unnorm_key": str}``. The server builds the
+OpenVLA prompt itself from the instruction, runs ``predict_action`` and answers the bare
+continuous action (a 7-vector, already un-normalised with the dataset's q01/q99 statistics),
+json-numpy encoded. On any exception it answers the JSON string ``"error"`` with HTTP 200.
+
+Why this shape: deploy.py has no auth, no health check and no timeouts, so the client brings
+them: a keep-alive ``requests.Session`` with (connect, read) timeouts on every request, a
+total-deadline check (a reply later than the budget is dropped, never executed late),
+optional bearer token for a reverse proxy in front of the server, and one-line errors.
+Rejected: ``json_numpy.patch()`` (monkey-patches the global ``json`` module for the whole
+process); deploy.py's ``{"encoded": ...}`` double-encoding path (broken upstream: its
+``len(payload.keys() == 1)`` check always raises, so the server answers "error").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import json_numpy
+import numpy as np
+import requests
+
+from rt2_ros import imaging
+from rt2_ros.actions import BackendReply, Observation
+from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
+from rt2_ros.params import ConfigError, ParamSpec, resolve
+
+if TYPE_CHECKING:
+    from rt2_ros.tokens import ActionTokenizer
+
+_log = logging.getLogger(__name__)
+
+_P = "backend.openvla_http."
+
+_ERROR_HINT = ("OpenVLA server returned 'error' — see its log; common cause: unnorm_key not in the model's "
+               "dataset statistics")
+
+
+class OpenVLAHttpBackend(Backend):
+    """``backend.type: openvla_http`` — one ``POST {url}/act`` per observation, one action per reply."""
+
+    name = "openvla_http"
+
+    OPTIONS: tuple[ParamSpec, ...] = (
+        ParamSpec(_P + "url", "string", "http://127.0.0.1:8000",
+                  "Base URL of the OpenVLA deploy.py server (http:// or https://); the client posts to {url}/act."),
+        ParamSpec(_P + "unnorm_key", "string", "bridge_orig",
+                  "Dataset statistics key the server un-normalises with (e.g. bridge_orig, fractal20220817_data); "
+                  "empty = omit it (only valid for a model trained on a single dataset)."),
+        ParamSpec(_P + "image_size", "int", 224,
+                  "Resize the camera image to image_size x image_size before sending (OpenVLA's processor squashes "
+                  "to 224 anyway, so this only saves bandwidth); 0 = send the full frame.", "px", low=0, high=4096),
+        ParamSpec(_P + "connect_timeout_s", "double", 2.0,
+                  "TCP/TLS connect timeout; the read timeout is the per-request budget given by the policy node.",
+                  "s", low=0.01, high=60.0),
+        ParamSpec(_P + "api_key_env", "string", "",
+                  "Name of an environment variable holding a bearer token for a reverse proxy in front of "
+                  "deploy.py (sent as 'Authorization: Bearer TOKEN'); empty = no auth header."),
+        ParamSpec(_P + "api_key_file", "string", "",
+                  "Path of a file holding that bearer token (alternative to api_key_env; chmod 600)."),
+        ParamSpec(_P + "ca_cert_file", "string", "",
+                  "PEM CA bundle to verify an https:// server with a private CA; empty = system CAs."),
+    )
+
+    def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
+        opts = resolve_options(self.OPTIONS, _P, options)
+        super().__init__(opts, tokenizer)
+        url = opts["url"].rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise BackendConfigError(f"{_P}url: expected http://host:port or https://host:port, got {opts['url']!r}")
+        if opts["ca_cert_file"] and not os.path.isfile(opts["ca_cert_file"]):
+            raise BackendConfigError(f"{_P}ca_cert_file: no such file {opts['ca_cert_file']!r}")
+        self._act_url = f"{url}/act"
+        self._image_size: int = opts["image_size"]
+        self._unnorm_key: str = opts["unnorm_key"]
+        self._connect_timeout_s: float = opts["connect_timeout_s"]
+        token = load_secret(opts["api_key_env"], opts["api_key_file"], _P)
+        self._session = requests.Session()
+        # deploy.py has no auth; a proxy in front of it may. Never log the token itself.
+        self._session.headers["Content-Type"] = "application/json"
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+            if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+                _log.warning("%sapi key is sent over plain http to %s; use https or an ssh tunnel", _P, parts.netloc)
+        if opts["ca_cert_file"]:
+            self._session.verify = opts["ca_cert_file"]
+
+    def infer(self, observation: Observation, timeout_s: float) -> BackendReply:
+        if timeout_s <= 0:
+            raise BackendTimeout(f"openvla_http: no time left for {self._act_url} (timeout {timeout_s:.3f} s)")
+        image = observation.image
+        if self._image_size:
+            try:
+                image = imaging.resize(image, self._image_size, self._image_size)
+            except imaging.ImageEncodeError as exc:
+                raise BackendError(f"openvla_http: cannot resize the camera image: {exc}") from None
+        payload: dict = {"image": np.ascontiguousarray(image), "instruction": observation.instruction}
+        if self._unnorm_key:
+            payload["unnorm_key"] = self._unnorm_key
+        body = json_numpy.dumps(payload)
+
+        start = time.monotonic()
+        try:
+            response = self._session.post(
+                self._act_url, data=body, timeout=(min(self._connect_timeout_s, timeout_s), timeout_s))
+        except requests.ConnectTimeout:
+            raise BackendTimeout(
+                f"openvla_http: connect to {self._act_url} timed out after "
+                f"{min(self._connect_timeout_s, timeout_s):.2f} s — is the host reachable?") from None
+        except requests.ReadTimeout:
+            raise BackendTimeout(
+                f"openvla_http: {self._act_url} did not answer within {timeout_s:.2f} s") from None
+        except requests.ConnectionError as exc:
+            raise BackendError(
+                f"openvla_http: cannot reach {self._act_url} ({describe_exception(exc)}) — is deploy.py running?"
+            ) from None
+        except requests.RequestException as exc:
+            raise BackendError(f"openvla_http: request to {self._act_url} failed: {describe_exception(exc)}") from None
+        elapsed = time.monotonic() - start
+        # requests' read timeout bounds each socket read, not the whole exchange: enforce the budget.
+        if elapsed > timeout_s:
+            raise BackendTimeout(
+                f"openvla_http: reply from {self._act_url} took {elapsed:.2f} s > {timeout_s:.2f} s; dropped")
+        return BackendReply(seq=observation.seq, backend=self.name, actions=self._parse(response))
+
+    def _parse(self, response: requests.Response) -> np.ndarray:
+        if response.status_code in (401, 403):
+            raise BackendError(
+                f"openvla_http: {self._act_url} rejected the request (HTTP {response.status_code}) — "
+                f"check {_P}api_key_env / {_P}api_key_file")
+        if response.status_code != 200:
+            raise BackendError(
+                f"openvla_http: {self._act_url} answered HTTP {response.status_code}: {_snippet(response.text)}")
+        try:
+            value = json_numpy.loads(response.text)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BackendError(f"openvla_http: reply is not json-numpy ({exc}): {_snippet(response.text)}") from None
+        if isinstance(value, str):
+            if value == "error":
+                raise BackendError(_ERROR_HINT)
+            raise BackendError(f"openvla_http: server answered a string instead of an action: {_snippet(value)}")
+        # deploy.py's docstring promises {"action": ...} although it returns the bare array; accept both.
+        if isinstance(value, dict) and "action" in value:
+            value = value["action"]
+        try:
+            actions = np.asarray(value, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise BackendError(
+                f"openvla_http: reply is not a numeric action array: {_snippet(response.text)}") from None
+        if actions.ndim == 1:
+            actions = actions.reshape(1, -1)  # one step, no chunking
+        if actions.ndim != 2 or actions.size == 0:
+            raise BackendError(f"openvla_http: expected an action vector or (horizon, dim) chunk, got shape "
+                               f"{actions.shape}")
+        return actions
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A short cause such as 'Connection refused' instead of a nested urllib3/httpx essay."""
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
+                   "No route to host", "Connection reset", "certificate verify failed"):
+        if marker in text:
+            return marker
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return _snippet(first)
+
+
+def _snippet(text: str, limit: int = 200) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else one_line[:limit] + "…"
+
+
+# The helpers below are shared by the three compatibility backends (openvla_http, openpi, openai);
+# they would sit well in backends/base.py.
+
+def resolve_options(specs: tuple[ParamSpec, ...], prefix: str, options: dict) -> dict:
+    """Validate ``options`` (keys without ``prefix``), fill defaults; errors name the full key.
+
+    create_backend() validates too; repeating it here makes direct construction (tests,
+    notebooks) just as safe and fills defaults for keys the caller left out.
+    """
+    try:
+        resolved = resolve(specs, {prefix + k: v for k, v in options.items()})
+    except ConfigError as exc:
+        raise BackendConfigError(str(exc)) from None
+    return {k[len(prefix):]: v for k, v in resolved.items()}
+
+
+def load_secret(env_name: str, file_path: str, prefix: str) -> str:
+    """The secret named by an env var or stored in a file ('' when neither is set); never logged."""
+    if env_name and file_path:
+        raise BackendConfigError(f"{prefix}api_key_env and {prefix}api_key_file are both set; choose one")
+    if env_name:
+        value = os.environ.get(env_name, "").strip()
+        if not value:
+            raise BackendConfigError(f"{prefix}api_key_env: environment variable {env_name} is not set or empty")
+        return value
+    if file_path:
+        try:
+            with open(file_path, encoding="utf-8") as f:
+                value = f.read().strip()
+            mode = os.stat(file_path).st_mode
+        except OSError as exc:
+            raise BackendConfigError(f"{prefix}api_key_file: cannot read {file_path!r}: {exc.strerror}") from None
+        if not value:
+            raise BackendConfigError(f"{prefix}api_key_file: {file_path!r} is empty")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            _log.warning("%sapi_key_file %s is readable by other users; chmod 600 it", prefix, file_path)
+        return value
+    return ""

@@ -1,0 +1,81 @@
+"""Image helpers shared by the backend clients: resize and encode an RGB frame for the wire.
+
+Pure functions on ``uint8`` HxWx3 RGB numpy arrays, built on ``opencv-python-headless``
+(already a dependency for JPEG/PNG and fast resizing). PIL was rejected to keep one image
+library; hand-written encoders were rejected outright. OpenCV works in BGR, so the channel
+swap lives here once instead of in every backend.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+class ImageEncodeError(ValueError):
+    """The image could not be resized or encoded (wrong shape/dtype, codec failure)."""
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        got = f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}"
+        raise ImageEncodeError(f"expected a uint8 HxWx3 RGB image, got {got}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageEncodeError(f"image has an empty side: {image.shape}")
+
+
+def resize(image: np.ndarray, height: int, width: int, *, pad: bool = False) -> np.ndarray:
+    """``image`` resized to ``height`` x ``width`` (uint8 RGB).
+
+    ``pad=False`` squashes to the target size (what OpenVLA's processor does); ``pad=True``
+    keeps the aspect ratio and pads with black (what openpi's ``resize_with_pad`` does).
+    Area interpolation when shrinking (no aliasing), linear when enlarging.
+    """
+    _check_rgb(image)
+    if height <= 0 or width <= 0:
+        raise ImageEncodeError(f"target size must be positive, got {height}x{width}")
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    if not pad:
+        interp = cv2.INTER_AREA if height * width < h * w else cv2.INTER_LINEAR
+        return cv2.resize(image, (width, height), interpolation=interp)
+    scale = min(height / h, width / w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    scaled = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = scaled
+    return out
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of an RGB image (``quality`` 1..100)."""
+    _check_rgb(image)
+    if not 1 <= quality <= 100:
+        raise ImageEncodeError(f"JPEG quality must be in 1..100, got {quality}")
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ImageEncodeError("OpenCV failed to encode the image as JPEG")
+    return buf.tobytes()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of an RGB image."""
+    _check_rgb(image)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ImageEncodeError("OpenCV failed to encode the image as PNG")
+    return buf.tobytes()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """RGB uint8 HxWx3 array from JPEG/PNG bytes (the inverse of the encoders; used by servers and tests)."""
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ImageEncodeError("bytes are not a decodable JPEG/PNG image")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+__all__ = ["ImageEncodeError", "decode_image", "encode_jpeg", "encode_png", "resize"]
