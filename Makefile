@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMPS := .stamps
-SOURCES := $(shell find rt2_ros scripts launch config proto -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.proto' -o -name '*.json' -o -path 'scripts/*' \) 2>/dev/null) setup.py setup.cfg package.xml
+SOURCES := $(shell find rt2_ros scripts launch config -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.proto' -o -name '*.json' -o -path 'scripts/*' \) 2>/dev/null) setup.py setup.cfg package.xml
 
 .PHONY: setup setup-test demo test lint clean distclean
 

@@ -37,13 +37,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rt2_ros", "rt2_ros.*"]),
-    package_data={"rt2_ros.backends.proto": ["*.py"]},
+    package_data={"rt2_ros.backends.proto": ["*.proto"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/rt2_ros"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.json")),
-        (f"share/{PACKAGE}/proto", glob("proto/**/*.proto", recursive=True)),
+        (f"share/{PACKAGE}/proto", glob("rt2_ros/backends/proto/*.proto")),
         (f"lib/{PACKAGE}", NODE_EXECUTABLES),
     ],
     install_requires=[],  # pinned in requirements.txt; ROS packages come from the ROS install
