@@ -223,7 +223,7 @@ class SafetyNode(Node):
         s.episode_id = self.episode_id
         s.instruction = self.instruction
         s.last_observation_seq = self.last_seq
-        last = self.filter.last_action_time if hasattr(self.filter, "last_action_time") else None
+        last = self.filter.last_action_time
         s.last_action_age_s = float(time.monotonic() - last) if last is not None else float("nan")
         s.actions_accepted = c["actions_accepted"]
         s.actions_rejected = c["actions_rejected"]

@@ -1,0 +1,671 @@
+"""Tests for rt2_ros.safety: the invariants a roboticist relies on, checked on random input.
+
+The main property test decodes 10,000 random RT-2 answers (text -> tokenizer -> ArmAction),
+feeds them through the filter with random start poses, random tick intervals, terminates,
+NaN actions, e-stops and watchdog gaps, integrates the commanded twist itself, and checks
+every limit on every tick. Unit tests pin the timing and state-machine details.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transforms3d import quaternions as tq
+
+from rt2_ros.actions import ArmAction
+from rt2_ros.params import ConfigError, markdown_table
+from rt2_ros.safety import SAFETY_PARAMS, SafeCommand, SafetyConfig, SafetyFilter, SafetyState
+from rt2_ros.tokens import ActionTokenizer
+
+EPS = 1e-9
+BOX_A = [0.40, -0.10, 0.00, 0.50, 0.10, 0.20]
+BOX_B = [0.60, 0.15, 0.30, 0.70, 0.35, 0.45]
+IDENTITY = (1.0, 0.0, 0.0, 0.0)
+HOLD_OK = ("hold:", "limited:workspace", "limited:keep_out", "limited:outside_workspace")
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def make_filter(**overrides: object) -> SafetyFilter:
+    return SafetyFilter(SafetyConfig.from_params({f"safety.{k}": v for k, v in overrides.items()}))
+
+
+def norm(v: np.ndarray) -> float:
+    return float(np.linalg.norm(v))
+
+
+@functools.cache
+def _bounds(cfg: SafetyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    boxes = np.array(cfg.keep_out_boxes, dtype=np.float64).reshape(-1, 6)
+    return np.array(cfg.workspace_min), np.array(cfg.workspace_max), boxes[:, :3], boxes[:, 3:]
+
+
+def in_workspace(cfg: SafetyConfig, p: np.ndarray, eps: float = EPS) -> bool:
+    lo, hi, _, _ = _bounds(cfg)
+    return bool(np.all(p >= lo - eps) and np.all(p <= hi + eps))
+
+
+def in_keep_out(cfg: SafetyConfig, p: np.ndarray, eps: float = EPS) -> bool:
+    """Strictly inside some keep-out box by more than ``eps`` (touching a face is allowed)."""
+    _, _, box_lo, box_hi = _bounds(cfg)
+    return bool(np.any(np.all((p > box_lo + eps) & (p < box_hi - eps), axis=-1)))
+
+
+def safe(cfg: SafetyConfig, *points: np.ndarray) -> bool:
+    """All ``points`` inside the workspace and outside every keep-out box (vectorised: hot loop)."""
+    pts = np.array(points)
+    lo, hi, box_lo, box_hi = _bounds(cfg)
+    if not (np.all(pts >= lo - EPS) and np.all(pts <= hi + EPS)):
+        return False
+    inside = (pts[:, None, :] > box_lo + EPS) & (pts[:, None, :] < box_hi - EPS)
+    return not bool(np.any(np.all(inside, axis=-1)))
+
+
+def rotation_angle(q_from: np.ndarray, q_to: np.ndarray) -> float:
+    d = tq.qmult(q_to, tq.qinverse(q_from))
+    return 2.0 * math.atan2(norm(d[1:]), abs(d[0]))
+
+
+def rotate(q: np.ndarray, rotvec: np.ndarray) -> np.ndarray:
+    """q advanced by a base-frame rotation vector (the test's own integrator, independent of safety.py)."""
+    angle = norm(rotvec)
+    if angle == 0.0:
+        return q
+    r = tq.axangle2quat(rotvec / angle, angle)
+    out = tq.qmult(r, q)
+    return out / norm(out)
+
+
+def is_zero(cmd: SafeCommand) -> bool:
+    return not cmd.moving and not np.any(cmd.linear_velocity) and not np.any(cmd.angular_velocity)
+
+
+def random_quaternion(rng: np.random.Generator) -> np.ndarray:
+    q = rng.normal(size=4)
+    return q / norm(q)
+
+
+def random_safe_point(rng: np.random.Generator, cfg: SafetyConfig, near: np.ndarray | None = None,
+                      radius: float = 0.0) -> np.ndarray:
+    lo, hi = np.array(cfg.workspace_min), np.array(cfg.workspace_max)
+    if near is not None:
+        lo, hi = np.maximum(lo, near - radius), np.minimum(hi, near + radius)
+    while True:
+        p = rng.uniform(lo, hi)
+        # a start pose touching a box face is legal, but keep the random ones clearly outside
+        if not in_keep_out(cfg, p, eps=-1e-3):
+            return p
+
+
+def push_behind_box(rng: np.random.Generator, cfg: SafetyConfig, p: np.ndarray, target: np.ndarray) -> np.ndarray:
+    if cfg.keep_out_boxes and rng.random() < 0.7:
+        box = np.array(cfg.keep_out_boxes[int(rng.integers(len(cfg.keep_out_boxes)))])
+        centre, half = 0.5 * (box[:3] + box[3:]), 0.5 * (box[3:] - box[:3])
+        away = centre - target
+        if norm(away) > 1e-6:
+            candidate = centre + away / norm(away) * (norm(half) + rng.uniform(0.005, 0.05))
+            candidate = np.clip(candidate, cfg.workspace_min, cfg.workspace_max)
+            if not in_keep_out(cfg, candidate, eps=-1e-3):
+                return candidate
+    return random_safe_point(rng, cfg, near=p, radius=0.15)
+
+
+# -- the big property test ------------------------------------------------------------------------
+CONFIGS = {
+    "default": {},
+    "keep_out": {"safety.keep_out_boxes": BOX_A + BOX_B},
+    "tight_fast": {"safety.keep_out_boxes": BOX_A, "safety.max_step_translation_m": 0.01,
+                   "safety.max_step_rotation_rad": 0.05, "safety.max_linear_speed_m_s": 0.05,
+                   "safety.max_angular_speed_rad_s": 0.3, "safety.max_linear_accel_m_s2": 0.3,
+                   "safety.max_angular_accel_rad_s2": 1.0, "safety.position_gain_per_s": 20.0,
+                   "safety.max_gripper_rate_per_s": 0.2, "safety.command_rate_hz": 50.0,
+                   "safety.lookahead_s": 0.05, "safety.watchdog_timeout_s": 0.4},
+}
+TOKENIZERS = (
+    ActionTokenizer.from_profile("rt2"),
+    # 15x the default scale: most steps exceed the step limits, so clipping is exercised.
+    ActionTokenizer.from_profile("rt2", translation_scale_m=0.3, rotation_scale_rad=1.5),
+    ActionTokenizer.from_profile("rt2", gripper_mode="relative"),
+)
+N_ANSWERS = 10_000
+ANSWERS_PER_EPISODE = 4
+
+
+class Model:
+    """What the test expects the filter to do (kept deliberately simpler than the filter)."""
+
+    def __init__(self) -> None:
+        self.mode = "running"  # running | held | terminated | estopped
+        self.last_accept = 0.0
+        self.rejected = self.terminations = self.estops = 0
+        self.keep_out_limited = 0  # ticks where a keep-out box cut the twist
+
+
+def check_tick(cfg: SafetyConfig, cmd: SafeCommand, model: Model, now: float, dt: float,
+               v_prev: np.ndarray, w_prev: np.ndarray, g_prev: float, p: np.ndarray) -> None:
+    v, w = cmd.linear_velocity, cmd.angular_velocity
+    dt_eff = min(dt, cfg.lookahead_s)
+    model.keep_out_limited += "limited:keep_out" in cmd.reasons
+    if model.mode == "running" and now - model.last_accept >= cfg.watchdog_timeout_s:
+        model.mode = "held"  # the watchdog must trip on this very tick
+        assert cmd.reasons == ("hold:watchdog",)
+    if model.mode != "running":
+        assert is_zero(cmd), (model.mode, cmd)
+        expected = {"held": SafetyState.HOLDING, "terminated": SafetyState.TERMINATED,
+                    "estopped": SafetyState.ESTOPPED}[model.mode]
+        assert cmd.state == expected
+    else:
+        assert cmd.state == SafetyState.RUNNING, cmd
+    # speed limits, and acceleration: never speeds up faster than allowed; any other change
+    # beyond accel * dt only when a safety limit cut the twist down
+    assert norm(v) <= cfg.max_linear_speed_m_s + EPS
+    assert norm(w) <= cfg.max_angular_speed_rad_s + EPS
+    assert norm(v) <= norm(v_prev) + cfg.max_linear_accel_m_s2 * dt_eff + EPS
+    if not any(r.startswith(HOLD_OK) for r in cmd.reasons):
+        assert norm(v - v_prev) <= cfg.max_linear_accel_m_s2 * dt_eff + EPS, cmd.reasons
+        assert norm(w - w_prev) <= cfg.max_angular_accel_rad_s2 * dt_eff + EPS, cmd.reasons
+    assert 0.0 <= cmd.gripper <= 1.0
+    assert abs(cmd.gripper - g_prev) <= cfg.max_gripper_rate_per_s * dt_eff + EPS
+    # the target, the current position and the whole look-ahead segment are safe
+    ahead = v * cfg.lookahead_s
+    assert safe(cfg, cmd.target_position, p, p + 0.25 * ahead, p + 0.5 * ahead, p + ahead), (p, v)
+
+
+def run_episode(f: SafetyFilter, tok: ActionTokenizer, rng: np.random.Generator, model: Model,
+                now: float, seq: int) -> tuple[float, int]:
+    cfg = f.config
+    if f.state == SafetyState.ESTOPPED:
+        assert not f.start_episode(random_safe_point(rng, cfg), IDENTITY, 0.0, now)  # estop wins
+        assert f.reset_estop()
+        assert f.state == SafetyState.IDLE
+        assert f.tick(now).linear_velocity.tolist() == [0.0, 0.0, 0.0]
+    p = random_safe_point(rng, cfg)
+    q = random_quaternion(rng)
+    g_prev = float(rng.uniform(0.0, 1.0))
+    assert f.start_episode(p, q, g_prev, now)
+    model.mode, model.last_accept = "running", now
+    measured = bool(rng.random() < 0.5)
+    v_prev, w_prev = np.zeros(3), np.zeros(3)
+    for _ in range(ANSWERS_PER_EPISODE):
+        event = rng.random()
+        n_ticks = int(rng.integers(1, 6))
+        if event < 0.03:
+            f.estop("property test")
+            model.estops += model.mode != "estopped"
+            model.mode = "estopped"
+            f.fault("ignored while e-stopped")  # must not change anything
+            assert f.state == SafetyState.ESTOPPED
+        elif event < 0.06:
+            action = ArmAction(rng.normal(0, 0.01, 3), rng.normal(0, 0.1, 3), 0.5, observation_seq=seq)
+            bad = np.concatenate([action.translation, action.rotation, [action.gripper]])
+            bad[rng.integers(0, 7)] = rng.choice([np.nan, np.inf, -np.inf])
+            verdict = f.on_action(ArmAction(bad[:3], bad[3:6], bad[6], observation_seq=seq), now)
+            assert not verdict.accepted
+            if model.mode == "running" or model.mode == "held":
+                assert verdict.reasons == ("rejected:non_finite",)
+                model.rejected += 1
+                model.mode = "held"
+        else:
+            bins = rng.integers(0, tok.n_bins, tok.n_dims)
+            bins[0] = tok.terminate_bin if rng.random() < 0.05 else tok.continue_bin
+            action = tok.decode(tok.parse_text(tok.format_text(bins)).bins, observation_seq=seq)
+            before_p, before_q = f.target_position, f.target_orientation
+            verdict = f.on_action(action, now)
+            if model.mode == "estopped":
+                assert verdict.reasons == ("ignored:estopped",) and not verdict.accepted
+            elif model.mode == "terminated":
+                assert verdict.reasons == ("ignored:terminated",) and not verdict.accepted
+            elif action.terminate:
+                assert verdict.accepted and verdict.reasons == ("terminate",)
+                model.mode = "terminated"
+                model.terminations += 1
+            else:
+                assert verdict.accepted, verdict
+                model.mode, model.last_accept = "running", now
+                assert norm(f.target_position - before_p) <= cfg.max_step_translation_m + EPS
+                assert rotation_angle(before_q, f.target_orientation) <= cfg.max_step_rotation_rad + 1e-7
+            assert safe(cfg, f.target_position)
+        if rng.random() < 0.05:  # the policy goes silent: the watchdog must hold the arm
+            n_ticks = int(cfg.watchdog_timeout_s / cfg.lookahead_s) + 4
+        seq += 1
+        for _ in range(n_ticks):
+            # mostly regular ticks; sometimes the executor stalls for longer than the look-ahead
+            stall = rng.random() < 0.02
+            dt = float(rng.uniform(1.0, 3.0) if stall else rng.uniform(0.1, 1.0)) * cfg.lookahead_s
+            now += dt
+            # The arm follows the commanded twist exactly, for at most lookahead_s (then the
+            # controller drops the stale command, as MoveIt Servo does).
+            p = p + v_prev * min(dt, cfg.lookahead_s)
+            q = rotate(q, w_prev * min(dt, cfg.lookahead_s))
+            if measured and rng.random() < 0.03:
+                # someone pushes the arm to another (safe) place; often right behind a keep-out
+                # box, so that the straight path back to the target cuts through the box
+                p = push_behind_box(rng, cfg, p, f.target_position)
+            cmd = f.tick(now, p if measured else None, q if measured else None)
+            check_tick(cfg, cmd, model, now, dt, v_prev, w_prev, g_prev, p)
+            v_prev, w_prev, g_prev = cmd.linear_velocity, cmd.angular_velocity, cmd.gripper
+    if rng.random() < 0.3:
+        f.stop_episode("next instruction")
+        assert f.state in (SafetyState.IDLE, SafetyState.ESTOPPED)
+        assert is_zero(f.tick(now + 0.01))
+        now += 0.01
+    return now + 1.0, seq
+
+
+def test_random_token_sequences_never_violate_limits() -> None:
+    """10,000 random decoded RT-2 answers, random start poses, terminates, NaNs, e-stops, watchdog gaps."""
+    rng = np.random.default_rng(20240611)
+    filters = {name: SafetyFilter(SafetyConfig.from_params(values)) for name, values in CONFIGS.items()}
+    models = {name: Model() for name in CONFIGS}
+    names = list(CONFIGS)
+    now, seq = 100.0, 0
+    for _ in range(N_ANSWERS // ANSWERS_PER_EPISODE):
+        name = names[int(rng.integers(len(names)))]
+        tok = TOKENIZERS[int(rng.integers(len(TOKENIZERS)))]
+        now, seq = run_episode(filters[name], tok, rng, models[name], now, seq)
+    clipped = keep_out_limited = 0
+    for name, f in filters.items():
+        c, m = f.counters, models[name]
+        assert c["actions_rejected"] == m.rejected  # every NaN counted, nothing else rejected
+        assert c["terminations"] == m.terminations
+        assert c["estops"] == m.estops
+        clipped += c["actions_clipped"]
+        assert m.rejected > 0 and m.terminations > 0 and m.estops > 0 and c["watchdog_trips"] > 0
+        keep_out_limited += m.keep_out_limited
+    assert clipped > 100  # the large-scale tokenizer really exercised the limits
+    assert keep_out_limited > 50  # pushed arms really had to go around boxes
+
+
+# -- hypothesis: arbitrary (also absurd) actions -----------------------------------------------------
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=64)
+big = st.floats(min_value=-10.0, max_value=10.0)
+vectors = st.lists(st.one_of(big, finite_or_not), min_size=3, max_size=3)
+actions = st.builds(ArmAction, translation=vectors, rotation=vectors, gripper=st.one_of(big, finite_or_not),
+                    gripper_relative=st.booleans())
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(start=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+       steps=st.lists(actions, min_size=1, max_size=8))
+def test_any_action_keeps_target_safe_and_steps_bounded(start: tuple[float, float, float],
+                                                        steps: list[ArmAction]) -> None:
+    f = make_filter(keep_out_boxes=BOX_A + BOX_B)
+    cfg = f.config
+    p0 = np.array(cfg.workspace_min) + np.array(start) * (np.array(cfg.workspace_max) - np.array(cfg.workspace_min))
+    if in_keep_out(cfg, p0, eps=-cfg.boundary_tolerance_m):
+        return  # start poses inside a box are refused; tested separately
+    assert f.start_episode(p0, IDENTITY, 0.0, 0.0)
+    for i, action in enumerate(steps):
+        before_p, before_q = f.target_position, f.target_orientation
+        verdict = f.on_action(action, 0.01 * i)
+        if not action.is_finite():
+            assert not verdict.accepted and verdict.reasons == ("rejected:non_finite",)
+            assert f.state == SafetyState.HOLDING
+        else:
+            assert verdict.accepted
+            assert norm(f.target_position - before_p) <= cfg.max_step_translation_m + EPS
+            assert rotation_angle(before_q, f.target_orientation) <= cfg.max_step_rotation_rad + 1e-7
+            # the straight path from the old to the new target never crosses a keep-out box
+            for s in np.linspace(0.0, 1.0, 21):
+                assert not in_keep_out(cfg, before_p + s * (f.target_position - before_p))
+        assert safe(cfg, f.target_position)
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+def test_config_round_trips_and_defaults_are_valid() -> None:
+    cfg = SafetyConfig.from_params({})
+    assert SafetyConfig.from_params(cfg.to_params()) == cfg
+    with_boxes = SafetyConfig.from_params({"safety.keep_out_boxes": BOX_A + BOX_B})
+    assert with_boxes.keep_out_boxes == (tuple(BOX_A), tuple(BOX_B))
+    assert SafetyConfig.from_params(with_boxes.to_params()) == with_boxes
+    assert {s.name for s in SAFETY_PARAMS} == set(cfg.to_params())
+
+
+@pytest.mark.parametrize(("values", "key"), [
+    ({"safety.workspace_min": [0.8, -0.35, 0.02]}, "safety.workspace_min"),
+    ({"safety.workspace_max": [0.75, 0.35]}, "safety.workspace_max"),
+    ({"safety.workspace_max": [0.75, "a", 0.5]}, "safety.workspace_max"),
+    ({"safety.keep_out_boxes": [0.4, 0.0, 0.0, 0.5, 0.1]}, "safety.keep_out_boxes"),
+    ({"safety.keep_out_boxes": [0.5, 0.0, 0.0, 0.4, 0.1, 0.1]}, "safety.keep_out_boxes"),
+    ({"safety.keep_out_boxes": [0.0, -1.0, -1.0, 1.0, 1.0, 1.0]}, "safety.keep_out_boxes"),
+    ({"safety.max_linear_speed_m_s": -0.1}, "safety.max_linear_speed_m_s"),
+    ({"safety.max_linear_speed_m_s": float("nan")}, "safety.max_linear_speed_m_s"),
+    ({"safety.watchdog_timeout_s": "1.0"}, "safety.watchdog_timeout_s"),
+    ({"safety.watchdog_timeout_s": 0.02, "safety.command_rate_hz": 30.0}, "safety.watchdog_timeout_s"),
+    ({"safety.lookahead_s": 0.01, "safety.command_rate_hz": 30.0}, "safety.lookahead_s"),
+    ({"safety.max_step_translaton_m": 0.05}, "safety.max_step_translaton_m"),
+])
+def test_config_errors_name_the_key(values: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        SafetyConfig.from_params(values)
+
+
+# -- watchdog -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("timeout", [0.2, 1.0, 2.5])
+@pytest.mark.parametrize("rate", [30.0, 50.0])
+def test_watchdog_holds_within_timeout_and_counts_once(timeout: float, rate: float) -> None:
+    f = make_filter(watchdog_timeout_s=timeout, command_rate_hz=rate)
+    t_action = 10.0
+    assert f.start_episode([0.4, 0.2, 0.3], IDENTITY, 0.0, t_action - 0.05)
+    assert f.on_action(ArmAction([0.05, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0), t_action).accepted
+    period = 1.0 / rate
+    now, first_hold = t_action, None
+    while now < t_action + timeout + 5 * period:
+        now += period
+        cmd = f.tick(now)
+        if first_hold is None and cmd.state == SafetyState.HOLDING:
+            first_hold = now
+        if now - t_action < timeout - 1e-9:
+            assert cmd.state == SafetyState.RUNNING
+            assert cmd.moving or norm(f.target_position - [0.45, 0.2, 0.3]) < 1e-12
+    assert first_hold is not None
+    assert timeout <= first_hold - t_action <= timeout + period + 1e-9  # first tick at/after the timeout
+    assert f.counters["watchdog_trips"] == 1  # counted once per trip, not per tick
+    assert is_zero(f.tick(now + period))
+    # a fresh action resumes; the target restarts from where the arm stopped, not from a stale target
+    stopped_at = f.target_position
+    assert f.on_action(ArmAction([0.0, 0.0, 0.01], [0.0, 0.0, 0.0], 0.0), now + 2 * period).accepted
+    assert f.state == SafetyState.RUNNING
+    np.testing.assert_allclose(f.target_position, stopped_at + np.array([0.0, 0.0, 0.01]))
+    assert f.tick(now + 3 * period).moving
+
+
+def test_stalled_tick_counts_as_lookahead_only() -> None:
+    """After a 2 s executor stall the twist and gripper change as after one look-ahead period."""
+    f = make_filter(watchdog_timeout_s=10.0)
+    cfg = f.config
+    assert f.start_episode([0.3, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    for _ in range(2):
+        f.on_action(ArmAction([0.05, 0.0, 0.0], [0.0, 0.0, 0.25], 1.0), 0.0)
+    cmd = f.tick(2.0)
+    assert norm(cmd.linear_velocity) == pytest.approx(cfg.max_linear_accel_m_s2 * cfg.lookahead_s)
+    assert norm(cmd.angular_velocity) == pytest.approx(cfg.max_angular_accel_rad_s2 * cfg.lookahead_s)
+    assert cmd.gripper == pytest.approx(cfg.max_gripper_rate_per_s * cfg.lookahead_s)
+
+
+def test_watchdog_starts_at_episode_start() -> None:
+    f = make_filter(watchdog_timeout_s=0.5)
+    assert f.start_episode([0.4, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    assert f.tick(0.49).state == SafetyState.RUNNING
+    assert f.tick(0.5).reasons == ("hold:watchdog",)
+
+
+# -- keep-out boxes and workspace ----------------------------------------------------------------------------
+def test_keep_out_target_stops_on_entry_face_and_slides() -> None:
+    f = make_filter(keep_out_boxes=BOX_A)
+    assert f.start_episode([0.38, 0.0, 0.1], IDENTITY, 0.0, 0.0)
+    verdict = f.on_action(ArmAction([0.04, 0.0, 0.02], [0, 0, 0], 0.0), 0.1)
+    assert verdict.accepted and "clipped:keep_out_0" in verdict.reasons
+    # stopped on the x face it would have entered through (not teleported to another face) ...
+    np.testing.assert_allclose(f.target_position, [0.40, 0.0, 0.12])
+    # ... and the tangential part of the step is kept: it slides along the face
+    f.on_action(ArmAction([0.01, 0.03, 0.0], [0, 0, 0], 0.0), 0.2)
+    np.testing.assert_allclose(f.target_position, [0.40, 0.03, 0.12])
+
+
+def test_motion_slides_around_a_box_between_arm_and_target() -> None:
+    f = make_filter(keep_out_boxes=BOX_A)
+    cfg = f.config
+    assert f.start_episode([0.35, 0.0, 0.24], IDENTITY, 0.0, 0.0)
+    f.on_action(ArmAction([0.0, 0.0, 0.01], [0, 0, 0], 0.0), 0.0)  # target (0.35, 0, 0.25), above-left
+    p = np.array([0.55, 0.0, 0.10])  # the arm is measured right of the box: the straight line cuts it
+    v, now, limited = np.zeros(3), 0.0, False
+    for _ in range(150):
+        now += 1 / 30
+        p = p + v / 30
+        cmd = f.tick(now, p, IDENTITY)
+        limited |= "limited:keep_out" in cmd.reasons
+        assert not in_keep_out(cfg, p) and not in_keep_out(cfg, p + cmd.linear_velocity * cfg.lookahead_s)
+        v = cmd.linear_velocity
+        f.on_action(ArmAction.hold(), now)  # keep the watchdog fed
+    assert limited
+    assert norm(p - f.target_position) <= cfg.goal_tolerance_m + 1e-3  # it got around the box
+
+
+@pytest.mark.parametrize(("position", "reason"), [
+    ([0.45, 0.0, 0.10], "rejected:start_in_keep_out"),
+    ([0.10, 0.0, 0.10], "rejected:start_outside_workspace"),
+    ([0.40, 0.0, 0.70], "rejected:start_outside_workspace"),
+    ([np.nan, 0.0, 0.1], "rejected:start_non_finite"),
+    ([0.4, 0.0], "rejected:start_pose_shape"),
+    ("not a pose", "rejected:start_pose_shape"),
+])
+def test_start_refused_outside_the_safe_set(position: list[float], reason: str) -> None:
+    f = make_filter(keep_out_boxes=BOX_A)
+    assert not f.start_episode(position, IDENTITY, 0.0, 0.0)
+    assert f.last_reasons == (reason,)
+    assert f.state == SafetyState.IDLE and is_zero(f.tick(0.1))
+
+
+def test_start_within_tolerance_is_pulled_onto_the_boundary() -> None:
+    f = make_filter(keep_out_boxes=BOX_A)
+    cfg = f.config
+    assert f.start_episode([0.40 + 0.5 * cfg.boundary_tolerance_m, 0.0, 0.1], IDENTITY, 0.0, 0.0)
+    assert safe(cfg, f.target_position) and f.target_position[0] < 0.40
+    assert f.start_episode([0.75 + 0.5 * cfg.boundary_tolerance_m, 0.0, 0.1], IDENTITY, 0.0, 0.0)
+    assert f.target_position[0] == pytest.approx(0.75)
+
+
+def test_measured_deep_inside_keep_out_blocks_linear_motion() -> None:
+    f = make_filter(keep_out_boxes=BOX_A)
+    assert f.start_episode([0.35, 0.0, 0.1], IDENTITY, 0.0, 0.0)
+    f.on_action(ArmAction([-0.02, 0.0, 0.0], [0, 0, 0.1], 0.0), 0.0)
+    cmd = f.tick(0.05, [0.45, 0.0, 0.1], IDENTITY)
+    assert "hold:inside_keep_out" in cmd.reasons
+    assert not np.any(cmd.linear_velocity) and np.any(cmd.angular_velocity)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("side", [-1, 1])
+def test_measured_outside_workspace_never_moves_further_out(axis: int, side: int) -> None:
+    f = make_filter()
+    cfg = f.config
+    lo, hi = np.array(cfg.workspace_min), np.array(cfg.workspace_max)
+    centre = 0.5 * (lo + hi)
+    assert f.start_episode(centre, IDENTITY, 0.0, 0.0)
+    outside = centre.copy()
+    outside[axis] = (hi if side > 0 else lo)[axis] + side * 0.02
+    # push the commanded twist outward first, then report the arm outside (e.g. pushed by a person)
+    for i in range(1, 20):
+        step = np.zeros(3)
+        step[axis] = side * 0.05
+        f.on_action(ArmAction(step, [0, 0, 0], 0.0), i / 30)
+        cmd = f.tick(i / 30)
+    cmd = f.tick(20 / 30, outside, IDENTITY)
+    assert side * cmd.linear_velocity[axis] <= 0.0
+    assert "limited:outside_workspace" in cmd.reasons
+
+
+def test_workspace_clip_reason_names_axis_and_side() -> None:
+    f = make_filter()
+    assert f.start_episode([0.74, 0.0, 0.03], IDENTITY, 0.0, 0.0)
+    verdict = f.on_action(ArmAction([0.03, 0.0, -0.03], [0, 0, 0], 0.0), 0.0)
+    assert verdict.accepted
+    assert set(verdict.reasons) == {"clipped:workspace_x_max", "clipped:workspace_z_min"}
+    np.testing.assert_allclose(f.target_position, [0.75, 0.0, 0.02])
+
+
+# -- gripper ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("hz", [30.0, 50.0])
+def test_gripper_moves_at_most_at_its_rate(rate: float, hz: float) -> None:
+    f = make_filter(max_gripper_rate_per_s=rate, command_rate_hz=hz, watchdog_timeout_s=5.0)
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 1.0), 0.0)
+    g, n = 0.0, 0
+    while g < 1.0 - 1e-9:
+        n += 1
+        cmd = f.tick(n / hz)
+        assert cmd.gripper - g == pytest.approx(min(rate / hz, 1.0 - g))
+        g = cmd.gripper
+    assert n == math.ceil(hz / rate - 1e-9)
+
+
+def test_relative_gripper_is_clamped() -> None:
+    f = make_filter()
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, 0.7, 0.0)
+    verdict = f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 0.6, gripper_relative=True), 0.0)
+    assert verdict.reasons == ("clipped:gripper",)
+    for i in range(1, 60):
+        cmd = f.tick(i / 30)
+    assert cmd.gripper == 1.0
+
+
+# -- state machine: terminate, e-stop, faults, bad input -------------------------------------------------------
+def moving_filter(**overrides: object) -> tuple[SafetyFilter, float]:
+    f = make_filter(**overrides)
+    assert f.start_episode([0.3, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    now = 0.0
+    for i in range(12):
+        now = (i + 1) / 30
+        f.on_action(ArmAction([0.05, 0.0, 0.0], [0, 0, 0.2], 1.0), now)
+        cmd = f.tick(now)
+    assert norm(cmd.linear_velocity) > 0.1  # really moving fast
+    return f, now
+
+
+def test_estop_wins_over_everything() -> None:
+    f, now = moving_filter()
+    f.estop("button")
+    f.estop("button again")
+    assert f.counters["estops"] == 1
+    assert is_zero(f.tick(now + 0.01))  # immediately, no deceleration ramp
+    assert f.on_action(ArmAction([0.05, 0, 0], [0, 0, 0], 0.0), now).reasons == ("ignored:estopped",)
+    assert not f.start_episode([0.4, 0.0, 0.3], IDENTITY, 0.0, now)
+    f.fault("backend")
+    assert not f.clear_fault()
+    assert f.state == SafetyState.ESTOPPED and is_zero(f.tick(now + 0.05))
+    assert f.reset_estop() and not f.reset_estop()
+    assert f.state == SafetyState.IDLE and is_zero(f.tick(now + 0.1))
+    assert f.on_action(ArmAction([0.05, 0, 0], [0, 0, 0], 0.0), now + 0.1).reasons == ("ignored:idle",)
+    assert is_zero(f.tick(now + 0.15))
+    assert f.start_episode([0.4, 0.0, 0.3], IDENTITY, 0.0, now + 0.2)
+    f.on_action(ArmAction([0.05, 0, 0], [0, 0, 0], 0.0), now + 0.2)
+    assert f.tick(now + 0.25).moving
+
+
+def test_terminate_holds_until_new_episode() -> None:
+    f, now = moving_filter()
+    verdict = f.on_action(ArmAction([np.nan, 0, 0], [0, 0, 0], 0.0, terminate=True), now)
+    assert verdict.accepted and verdict.reasons == ("terminate",)
+    for i in range(1, 40):
+        assert is_zero(f.tick(now + i / 30))
+        assert f.on_action(ArmAction([0.05, 0, 0], [0, 0, 0], 0.0), now + i / 30).reasons == ("ignored:terminated",)
+    assert f.state == SafetyState.TERMINATED and f.counters["terminations"] == 1
+    assert f.start_episode([0.4, 0.0, 0.3], IDENTITY, 0.0, now + 2.0)
+    assert f.on_action(ArmAction([0.05, 0, 0], [0, 0, 0], 0.0), now + 2.0).accepted
+    assert f.tick(now + 2.05).moving
+
+
+@pytest.mark.parametrize("field", ["translation", "rotation", "gripper"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_action_holds_and_is_counted(field: str, bad: float) -> None:
+    f, now = moving_filter()
+    parts = {"translation": [0.01, 0.0, 0.0], "rotation": [0.0, 0.0, 0.0], "gripper": 0.5}
+    parts[field] = bad if field == "gripper" else [0.0, bad, 0.0]
+    verdict = f.on_action(ArmAction(**parts), now)
+    assert not verdict.accepted and verdict.reasons == ("rejected:non_finite",)
+    assert f.counters["actions_rejected"] == 1
+    assert f.state == SafetyState.HOLDING and is_zero(f.tick(now + 0.01))
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.5), now + 0.02).accepted
+    assert f.state == SafetyState.RUNNING
+
+
+def test_out_of_order_action_is_rejected_but_a_chunk_from_one_observation_is_not() -> None:
+    f = make_filter()
+    assert f.start_episode([0.4, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0, observation_seq=5), 0.1).accepted
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0, observation_seq=5), 0.2).accepted
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0, observation_seq=4), 0.3).reasons == (
+        "rejected:out_of_order",)
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0, observation_seq=-1), 0.4).accepted  # unknown seq
+
+
+def test_transient_fault_clears_with_next_valid_action() -> None:
+    f, now = moving_filter()
+    f.fault("backend timeout")
+    assert f.state == SafetyState.FAULT and is_zero(f.tick(now + 0.01))
+    assert f.counters["faults"] == 1
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0), now + 0.02).accepted
+    assert f.state == SafetyState.RUNNING and f.tick(now + 0.05).moving
+
+
+def test_latched_fault_ignores_actions_until_cleared() -> None:
+    f, now = moving_filter()
+    f.fault("controller error", latch=True)
+    f.fault("controller error again")  # a later non-latching call cannot unlatch it
+    assert f.counters["faults"] == 1
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0), now).reasons == ("ignored:fault",)
+    assert is_zero(f.tick(now + 0.01))
+    assert f.clear_fault() and f.state == SafetyState.HOLDING
+    assert is_zero(f.tick(now + 0.02))
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0), now + 0.03).accepted
+    assert f.tick(now + 0.05).moving
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"measured_position": [np.nan, 0.0, 0.3]}, "rejected:measured_position"),
+    ({"measured_position": [0.4, 0.0]}, "rejected:measured_position"),
+    ({"measured_orientation": [0.0, 0.0, 0.0, 0.0]}, "rejected:measured_orientation"),
+    ({"measured_orientation": [1.0, np.inf, 0.0, 0.0]}, "rejected:measured_orientation"),
+])
+def test_bad_measurement_gives_a_hold_tick(kwargs: dict, reason: str) -> None:
+    f, now = moving_filter()
+    cmd = f.tick(now + 0.03, **kwargs)
+    assert is_zero(cmd) and cmd.reasons == (reason,)
+    assert f.state == SafetyState.RUNNING  # transient: the next good tick continues
+
+
+def test_clock_going_backwards_holds() -> None:
+    f, now = moving_filter()
+    cmd = f.tick(now - 0.5)
+    assert is_zero(cmd) and cmd.reasons == ("rejected:time_went_backwards",)
+    assert is_zero(f.tick(float("nan")))
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf"), None, "soon"])
+def test_action_with_a_bad_time_is_rejected(now: object) -> None:
+    f, _ = moving_filter()
+    verdict = f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0), now)  # type: ignore[arg-type]
+    assert verdict.reasons == ("rejected:non_finite_time",) and f.state == SafetyState.HOLDING
+
+
+def test_stop_episode_holds() -> None:
+    f, now = moving_filter()
+    f.stop_episode("operator")
+    assert f.state == SafetyState.IDLE and is_zero(f.tick(now + 0.01))
+    assert f.hold_reason == "stopped: operator"
+
+
+# -- control quality ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hz", [30.0, 50.0])
+def test_ramps_up_within_accel_and_converges_to_target(hz: float) -> None:
+    f = make_filter(command_rate_hz=hz, watchdog_timeout_s=10.0)
+    cfg = f.config
+    assert f.start_episode([0.3, -0.2, 0.1], IDENTITY, 0.0, 0.0)
+    for _ in range(6):
+        f.on_action(ArmAction([0.02, 0.02, 0.02], [0.0, 0.0, 0.25], 0.0), 0.0)
+    p, q = np.array([0.3, -0.2, 0.1]), np.array(IDENTITY)
+    v, w = np.zeros(3), np.zeros(3)
+    dt = 1.0 / hz
+    for i in range(1, int(5 * hz)):
+        p, q = p + v * dt, rotate(q, w * dt)
+        cmd = f.tick(i * dt, p, q)
+        assert norm(cmd.linear_velocity - v) <= cfg.max_linear_accel_m_s2 * dt + EPS
+        assert norm(cmd.angular_velocity - w) <= cfg.max_angular_accel_rad_s2 * dt + EPS
+        v, w = cmd.linear_velocity, cmd.angular_velocity
+    assert norm(p - f.target_position) <= cfg.goal_tolerance_m + 1e-4
+    assert rotation_angle(q, f.target_orientation) <= cfg.goal_tolerance_rad + 1e-4
+    np.testing.assert_allclose(f.target_position, [0.42, -0.08, 0.22])
+    assert rotation_angle(np.array(IDENTITY), f.target_orientation) == pytest.approx(1.5)
+    assert not cmd.moving
+
+
+def test_docs_parameter_table_is_current() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "safety.md").read_text()
+    assert markdown_table(SAFETY_PARAMS) in doc, "regenerate the table in docs/safety.md"
