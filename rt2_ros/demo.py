@@ -46,8 +46,9 @@ class EpisodeLog:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rt2-demo", description="Run one simulated rt2_ros episode and report it.")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"default: {DEFAULT_INSTRUCTION!r}")
-    p.add_argument("--params", "--backend-params", dest="params", default=None,
-                   help="ROS 2 params YAML (default: the installed config/rt2.yaml)")
+    p.add_argument("--params", "--backend-params", dest="params", action="append", default=[],
+                   help="ROS 2 params YAML; repeat to layer files (default: the installed config/rt2.yaml), "
+                        "e.g. --params config/rt2.yaml --params config/backends/grpc.yaml")
     p.add_argument("--backend", default="", help="override backend.type (e.g. grpc with rt2-serve running)")
     p.add_argument("--timeout", type=float, default=150.0, help="give up after this many seconds (default 150)")
     p.add_argument("--out", default="episodes", help="folder for episode folders (default ./episodes)")
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     from rt2_ros.nodes.bringup import ParamsFileError, default_params_file, load_params_file
 
-    params_path = Path(args.params) if args.params else default_params_file()
+    params_paths = [Path(p) for p in args.params] or [default_params_file()]
     try:
-        load_params_file(params_path)
+        for path in params_paths:
+            load_params_file(path)
     except ParamsFileError as exc:
         print(f"rt2-demo: {exc}", file=sys.stderr)
         return 2
@@ -93,15 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     bringup_log = run_dir / "bringup.log"
-    cmd = [sys.executable, "-m", "rt2_ros.nodes.bringup", "--params", str(params_path)]
+    cmd = [sys.executable, "-m", "rt2_ros.nodes.bringup"]
+    for path in params_paths:
+        cmd += ["--params", str(path)]
     if args.backend:
         cmd += ["--backend", args.backend]
-    print(f"rt2-demo: starting policy + safety nodes ({params_path.name}), simulator in this process; "
+    print(f"rt2-demo: starting policy + safety nodes ({', '.join(p.name for p in params_paths)}), simulator in "
+          "this process; "
           f"ROS_DOMAIN_ID={args.ros_domain}, localhost only", flush=True)
     with open(bringup_log, "w") as log_fh:
         bringup = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
-        return _run_episode(args, params_path, run_dir, bringup, bringup_log)
+        return _run_episode(args, params_paths, run_dir, bringup, bringup_log)
     finally:
         if bringup.poll() is None:
             bringup.send_signal(2)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 bringup.kill()
 
 
-def _run_episode(args, params_path: Path, run_dir: Path, bringup: subprocess.Popen, bringup_log: Path) -> int:
+def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subprocess.Popen, bringup_log: Path) -> int:
     import rclpy
     from geometry_msgs.msg import PoseStamped
     from rclpy.executors import MultiThreadedExecutor
@@ -124,7 +129,7 @@ def _run_episode(args, params_path: Path, run_dir: Path, bringup: subprocess.Pop
     from rt2_ros.params import ConfigError
     from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus
 
-    rclpy.init(args=["--ros-args", "--params-file", str(params_path)])
+    rclpy.init(args=["--ros-args", *(a for p in params_paths for a in ("--params-file", str(p)))])
     log = EpisodeLog()
     lock = threading.Lock()
     try:
@@ -224,7 +229,7 @@ def _run_episode(args, params_path: Path, run_dir: Path, bringup: subprocess.Pop
             time.sleep(1.0 / args.gif_fps)
         success, verdict = _task_success(sim_node.sim, args.instruction)
         success = success and end_reason == "terminated"
-        summary = _summary(log, args, params_path, wall, end_reason, success, verdict, latest_status())
+        summary = _summary(log, args, params_paths, wall, end_reason, success, verdict, latest_status())
         _write_outputs(run_dir, log, summary, sim_node)
         print(f"rt2-demo: {'SUCCESS' if success else 'FAILED'}: {verdict}; episode {end_reason} after "
               f"{wall:.1f} s, {summary['steps']} steps at {summary['control_rate_hz']:.1f} Hz, latency p50 "
@@ -261,7 +266,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": float(arr.max())}
 
 
-def _summary(log: EpisodeLog, args, params_path: Path, wall: float, end_reason: str, success: bool, verdict: str,
+def _summary(log: EpisodeLog, args, params_paths: list[Path], wall: float, end_reason: str, success: bool, verdict: str,
              status) -> dict:
     times = [t for t, _ in log.actions]
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
@@ -280,7 +285,7 @@ def _summary(log: EpisodeLog, args, params_path: Path, wall: float, end_reason: 
             "final_state": status.state_name, "actions_accepted": status.actions_accepted,
             "actions_clipped": status.actions_clipped, "actions_rejected": status.actions_rejected,
             "watchdog_trips": status.watchdog_trips, "estops": status.estops},
-        "params_file": str(params_path),
+        "params_files": [str(p) for p in params_paths],
         "backend": log.tokens[-1][1].backend if log.tokens else None,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }

@@ -60,7 +60,9 @@ def default_params_file() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rt2-bringup", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--params", default=None, help="ROS 2 params YAML (default: the installed config/rt2.yaml)")
+    p.add_argument("--params", action="append", default=[],
+                   help="ROS 2 params YAML; repeat to layer files, later ones win (default: the installed "
+                        "config/rt2.yaml), e.g. --params config/rt2.yaml --params config/backends/grpc.yaml")
     p.add_argument("--backend", default="", help="override backend.type of the policy node")
     p.add_argument("--sim", action="store_true", help="also start the simulated tabletop arm (rt2_sim)")
     p.add_argument("--no-policy", action="store_true", help="do not start the policy node")
@@ -72,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    params_path = Path(args.params) if args.params else default_params_file()
+    params_paths = [Path(p) for p in args.params] or [default_params_file()]
     try:
-        load_params_file(params_path)
+        for path in params_paths:
+            load_params_file(path)
     except ParamsFileError as exc:
         print(f"rt2-bringup: {exc}", file=sys.stderr)
         return 2
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rt2_ros.params import ConfigError
 
-    ros_args = ["--ros-args", "--params-file", str(params_path)]
+    ros_args = ["--ros-args"]
+    for path in params_paths:
+        ros_args += ["--params-file", str(path)]
     for r in args.remap:
         ros_args += ["-r", r]
     rclpy.init(args=ros_args, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
@@ -109,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             nodes.append(PolicyNode(parameter_overrides=overrides))
         for n in nodes:
             executor.add_node(n)
-        print(f"rt2-bringup: running {', '.join(n.get_name() for n in nodes)} with {params_path} (Ctrl-C stops)",
-              flush=True)
+        names = ", ".join(n.get_name() for n in nodes)
+        print(f"rt2-bringup: running {names} with {', '.join(map(str, params_paths))} (Ctrl-C stops)", flush=True)
         executor.spin()
     except ConfigError as exc:
         print(f"rt2-bringup: configuration error: {exc}", file=sys.stderr)
