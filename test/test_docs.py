@@ -1,0 +1,21 @@
+"""Docs that are generated from code must match the code."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parameter_reference_is_current():
+    pytest.importorskip("rclpy")  # node modules declare parameters next to their rclpy code
+    from rt2_ros.params_doc import render
+
+    current = (REPO / "docs" / "parameters.md").read_text()
+    assert current == render(), "docs/parameters.md is stale: run `.venv/bin/python -m rt2_ros.params_doc > " \
+                                "docs/parameters.md`"
+
+
+def test_readme_starts_with_the_two_commands():
+    head = "\n".join((REPO / "README.md").read_text().splitlines()[:30])
+    assert "make demo" in head and "make test" in head
