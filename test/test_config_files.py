@@ -10,7 +10,7 @@ from rt2_ros.backends import BACKENDS, backend_class
 from rt2_ros.nodes.bringup import load_params_file
 from rt2_ros.params import resolve
 from rt2_ros.policy import POLICY_PARAMS, PolicyConfig
-from rt2_ros.safety import SAFETY_PARAMS, SafetyConfig
+from rt2_ros.safety import SafetyConfig
 from rt2_ros.tokens import TOKENIZER_PARAMS, ActionTokenizer
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from test.msg_echo_publisher import QOS, sample_messages  # noqa: E402
-from test.ros_helpers import REPO, Probe, isolate_ros_domain  # noqa: E402
+from test.msg_echo_publisher import QOS, sample_messages
+from test.ros_helpers import REPO, Probe, isolate_ros_domain
 
 
 def _fields(msg) -> dict:
