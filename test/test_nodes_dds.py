@@ -8,6 +8,9 @@ supplies known model answers (and delays) so each scenario is exact.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -22,7 +25,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS, rgb_to_image_msg  # noqa: E402
 from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
-from test.ros_helpers import Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
+from test.ros_helpers import REPO, Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
 
 MOVE_X = "0 160 128 128 128 128 128 0"  # +x, gripper open (rt2 profile)
 TERMINATE = "1 128 128 128 128 128 128 0"
@@ -229,3 +232,29 @@ def test_new_instruction_cancels_episode(probe, tmp_path):
         assert not math.isnan(s.last_action_age_s)
     finally:
         stop(proc)
+
+
+def _cli(module: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_rt2_say_waits_for_the_outcome_and_rt2_status_reports(probe, tmp_path):
+    proc = run_stack(tmp_path, [MOVE_X] * 3 + [TERMINATE])
+    try:
+        wait_ready(probe, proc, tmp_path)
+        said = _cli("rt2_ros.nodes.say", "push it", "--wait", "--timeout", "30")
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert "TERMINATED" in said.stdout and "4 actions" in said.stdout  # 3 moves + the terminate
+        status = _cli("rt2_ros.nodes.status", "--once", "--wait", "1.5")
+        assert status.returncode == 0, status.stderr
+        assert "safety=TERMINATED" in status.stdout and "'push it'" in status.stdout
+    finally:
+        stop(proc)
+
+
+def test_rt2_say_without_nodes_fails_clearly():
+    said = _cli("rt2_ros.nodes.say", "anyone?", "--connect-timeout", "1")
+    assert said.returncode == 1
+    assert "nobody subscribes to /instruction" in said.stderr
