@@ -10,8 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
-from rt2_ros.params import resolve
+from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout, resolve_options
 
 if TYPE_CHECKING:
     from rt2_ros.tokens import ActionTokenizer
@@ -48,10 +47,9 @@ def create_backend(backend_type: str, options: dict, tokenizer: ActionTokenizer)
     """
     cls = backend_class(backend_type)
     prefix = f"backend.{backend_type}."
-    resolved = resolve(cls.OPTIONS, {prefix + k: v for k, v in options.items()}) if cls.OPTIONS else {}
     if not cls.OPTIONS and options:
         raise BackendConfigError(f"{prefix}{next(iter(options))}: backend {backend_type!r} takes no options")
-    return cls({k[len(prefix):]: v for k, v in resolved.items()}, tokenizer)
+    return cls(resolve_options(cls.OPTIONS, prefix, options), tokenizer)
 
 
 __all__ = [

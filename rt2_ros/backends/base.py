@@ -8,10 +8,13 @@ client that is easy to test without ROS.
 from __future__ import annotations
 
 import abc
+import logging
+import os
+import stat
 from typing import TYPE_CHECKING
 
 from rt2_ros.actions import BackendReply, Observation
-from rt2_ros.params import ParamSpec
+from rt2_ros.params import ConfigError, ParamSpec, resolve
 
 if TYPE_CHECKING:
     from rt2_ros.tokens import ActionTokenizer
@@ -53,3 +56,60 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sockets, channels, models."""
+
+
+# -- helpers shared by the backend clients ---------------------------------------------------------
+_log = logging.getLogger(__name__)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A short cause such as 'Connection refused' instead of a nested urllib3/httpx essay."""
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
+                   "No route to host", "Connection reset", "certificate verify failed"):
+        if marker in text:
+            return marker
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return snippet(first)
+
+
+def snippet(text: str, limit: int = 200) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else one_line[:limit] + "…"
+
+
+def resolve_options(specs: tuple[ParamSpec, ...], prefix: str, options: dict) -> dict:
+    """Validate ``options`` (keys without ``prefix``), fill defaults; errors name the full key.
+
+    create_backend() validates too; repeating it here makes direct construction (tests,
+    notebooks) just as safe and fills defaults for keys the caller left out.
+    """
+    try:
+        resolved = resolve(specs, {prefix + k: v for k, v in options.items()})
+    except ConfigError as exc:
+        raise BackendConfigError(str(exc)) from None
+    return {k[len(prefix):]: v for k, v in resolved.items()}
+
+
+def load_secret(env_name: str, file_path: str, prefix: str) -> str:
+    """The secret named by an env var or stored in a file ('' when neither is set); never logged."""
+    if env_name and file_path:
+        raise BackendConfigError(f"{prefix}api_key_env and {prefix}api_key_file are both set; choose one")
+    if env_name:
+        value = os.environ.get(env_name, "").strip()
+        if not value:
+            raise BackendConfigError(f"{prefix}api_key_env: environment variable {env_name} is not set or empty")
+        return value
+    if file_path:
+        try:
+            with open(file_path, encoding="utf-8") as f:
+                value = f.read().strip()
+            mode = os.stat(file_path).st_mode
+        except OSError as exc:
+            raise BackendConfigError(f"{prefix}api_key_file: cannot read {file_path!r}: {exc.strerror}") from None
+        if not value:
+            raise BackendConfigError(f"{prefix}api_key_file: {file_path!r} is empty")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            _log.warning("%sapi_key_file %s is readable by other users; chmod 600 it", prefix, file_path)
+        return value
+    return ""

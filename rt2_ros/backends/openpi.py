@@ -37,8 +37,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from rt2_ros import imaging
 from rt2_ros.actions import BackendReply, Observation
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
-from rt2_ros.backends.openvla_http import describe_exception, load_secret, resolve_options
+from rt2_ros.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendError,
+    BackendTimeout,
+    describe_exception,
+    load_secret,
+    resolve_options,
+)
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -31,8 +30,17 @@ import requests
 
 from rt2_ros import imaging
 from rt2_ros.actions import BackendReply, Observation
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
-from rt2_ros.params import ConfigError, ParamSpec, resolve
+from rt2_ros.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendError,
+    BackendTimeout,
+    describe_exception,
+    load_secret,
+    resolve_options,
+    snippet,
+)
+from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
     from rt2_ros.tokens import ActionTokenizer
@@ -140,15 +148,15 @@ class OpenVLAHttpBackend(Backend):
                 f"check {_P}api_key_env / {_P}api_key_file")
         if response.status_code != 200:
             raise BackendError(
-                f"openvla_http: {self._act_url} answered HTTP {response.status_code}: {_snippet(response.text)}")
+                f"openvla_http: {self._act_url} answered HTTP {response.status_code}: {snippet(response.text)}")
         try:
             value = json_numpy.loads(response.text)
         except (ValueError, TypeError, KeyError) as exc:
-            raise BackendError(f"openvla_http: reply is not json-numpy ({exc}): {_snippet(response.text)}") from None
+            raise BackendError(f"openvla_http: reply is not json-numpy ({exc}): {snippet(response.text)}") from None
         if isinstance(value, str):
             if value == "error":
                 raise BackendError(_ERROR_HINT)
-            raise BackendError(f"openvla_http: server answered a string instead of an action: {_snippet(value)}")
+            raise BackendError(f"openvla_http: server answered a string instead of an action: {snippet(value)}")
         # deploy.py's docstring promises {"action": ...} although it returns the bare array; accept both.
         if isinstance(value, dict) and "action" in value:
             value = value["action"]
@@ -156,7 +164,7 @@ class OpenVLAHttpBackend(Backend):
             actions = np.asarray(value, dtype=np.float64)
         except (ValueError, TypeError):
             raise BackendError(
-                f"openvla_http: reply is not a numeric action array: {_snippet(response.text)}") from None
+                f"openvla_http: reply is not a numeric action array: {snippet(response.text)}") from None
         if actions.ndim == 1:
             actions = actions.reshape(1, -1)  # one step, no chunking
         if actions.ndim != 2 or actions.size == 0:
@@ -166,59 +174,3 @@ class OpenVLAHttpBackend(Backend):
 
     def close(self) -> None:
         self._session.close()
-
-
-def describe_exception(exc: BaseException) -> str:
-    """A short cause such as 'Connection refused' instead of a nested urllib3/httpx essay."""
-    text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
-                   "No route to host", "Connection reset", "certificate verify failed"):
-        if marker in text:
-            return marker
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return _snippet(first)
-
-
-def _snippet(text: str, limit: int = 200) -> str:
-    one_line = " ".join(text.split())
-    return one_line if len(one_line) <= limit else one_line[:limit] + "…"
-
-
-# The helpers below are shared by the three compatibility backends (openvla_http, openpi, openai);
-# they would sit well in backends/base.py.
-
-def resolve_options(specs: tuple[ParamSpec, ...], prefix: str, options: dict) -> dict:
-    """Validate ``options`` (keys without ``prefix``), fill defaults; errors name the full key.
-
-    create_backend() validates too; repeating it here makes direct construction (tests,
-    notebooks) just as safe and fills defaults for keys the caller left out.
-    """
-    try:
-        resolved = resolve(specs, {prefix + k: v for k, v in options.items()})
-    except ConfigError as exc:
-        raise BackendConfigError(str(exc)) from None
-    return {k[len(prefix):]: v for k, v in resolved.items()}
-
-
-def load_secret(env_name: str, file_path: str, prefix: str) -> str:
-    """The secret named by an env var or stored in a file ('' when neither is set); never logged."""
-    if env_name and file_path:
-        raise BackendConfigError(f"{prefix}api_key_env and {prefix}api_key_file are both set; choose one")
-    if env_name:
-        value = os.environ.get(env_name, "").strip()
-        if not value:
-            raise BackendConfigError(f"{prefix}api_key_env: environment variable {env_name} is not set or empty")
-        return value
-    if file_path:
-        try:
-            with open(file_path, encoding="utf-8") as f:
-                value = f.read().strip()
-            mode = os.stat(file_path).st_mode
-        except OSError as exc:
-            raise BackendConfigError(f"{prefix}api_key_file: cannot read {file_path!r}: {exc.strerror}") from None
-        if not value:
-            raise BackendConfigError(f"{prefix}api_key_file: {file_path!r} is empty")
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            _log.warning("%sapi_key_file %s is readable by other users; chmod 600 it", prefix, file_path)
-        return value
-    return ""

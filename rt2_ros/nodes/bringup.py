@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from rt2_ros.nodes.common import close_nodes
     from rt2_ros.params import ConfigError
 
     ros_args = ["--ros-args"]
@@ -126,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         # Stop callbacks first, then let each node leave a safe state (the safety node sends a
         # last zero twist), then destroy.
         executor.shutdown(timeout_sec=2.0)
-        for n in reversed(nodes):
-            close = getattr(n, "close", None)
-            if close is not None:
-                close()
-            n.destroy_node()
+        close_nodes(reversed(nodes))
         rclpy.try_shutdown()
     return 0
 

@@ -101,12 +101,18 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
         pass
     finally:
         if node is not None:
-            close = getattr(node, "close", None)
-            if close is not None:
-                close()
-            node.destroy_node()
+            close_nodes([node])
         rclpy.try_shutdown()
     return 0
+
+
+def close_nodes(nodes: Iterable[Node]) -> None:
+    """Let each node leave a safe state (``close()``: e.g. the safety node's last zero twist), then destroy it."""
+    for node in nodes:
+        close = getattr(node, "close", None)
+        if close is not None:
+            close()
+        node.destroy_node()
 
 
 # -- images ---------------------------------------------------------------------------------------
