@@ -249,7 +249,7 @@ def test_rt2_say_waits_for_the_outcome_and_rt2_status_reports(probe, tmp_path):
         said = _cli("rt2_ros.nodes.say", "push it", "--wait", "--timeout", "30")
         assert said.returncode == 0, said.stdout + said.stderr
         assert re.search(r"episode \d+ TERMINATED", said.stdout), said.stdout
-        status = _cli("rt2_ros.nodes.status", "--once", "--wait", "1.5")
+        status = _cli("rt2_ros.nodes.status", "--once", "--wait", "15")
         assert status.returncode == 0, status.stderr
         assert "safety=TERMINATED" in status.stdout and "'push it'" in status.stdout
     finally:

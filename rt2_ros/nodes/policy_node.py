@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -46,6 +46,10 @@ from rt2_ros_interfaces.msg import ArmAction as ArmActionMsg
 NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("camera.transport", "string", "raw", "Subscribe to camera/image (raw) or camera/image/compressed",
               choices=("raw", "compressed")),
+    ParamSpec("camera.qos", "string", "sensor_data",
+              "Camera subscription QoS: sensor_data (best effort, matches any publisher) or reliable (only "
+              "reliable publishers; large raw frames that best effort loses on FastDDS arrive)",
+              choices=("sensor_data", "reliable")),
     ParamSpec("diagnostics_period_s", "double", 1.0, "Period of /diagnostics messages", "s", 0.1, 60.0),
 )
 
@@ -82,11 +86,12 @@ class PolicyNode(Node):
         self.plan_pub = self.create_publisher(String, "~/plan", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
+        camera_qos = qos_profile_sensor_data if params["camera.qos"] == "sensor_data" else \
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)  # depth 1: only the latest frame matters
         if params["camera.transport"] == "raw":
-            self.create_subscription(Image, "camera/image", self._on_image, qos_profile_sensor_data)
+            self.create_subscription(Image, "camera/image", self._on_image, camera_qos)
         else:
-            self.create_subscription(CompressedImage, "camera/image/compressed", self._on_compressed,
-                                     qos_profile_sensor_data)
+            self.create_subscription(CompressedImage, "camera/image/compressed", self._on_compressed, camera_qos)
         self.create_subscription(String, "instruction", self._on_instruction, LATCHED_QOS)
         self.create_subscription(PoseStamped, "ee_pose", self._on_pose, qos_profile_sensor_data)
 

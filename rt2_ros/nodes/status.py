@@ -40,8 +40,10 @@ def format_line(status, tokens, action, rate_hz: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rt2-status", description="Live one-line status of rt2_ros.")
-    p.add_argument("--once", action="store_true", help="print one line (after --wait seconds) and exit")
-    p.add_argument("--wait", type=float, default=2.0, help="seconds to collect messages before --once prints")
+    p.add_argument("--once", action="store_true",
+                   help="print one line as soon as the safety status arrived (at most --wait seconds) and exit; "
+                        "exit 1 when no status came")
+    p.add_argument("--wait", type=float, default=5.0, help="longest wait for --once (default 5 s)")
     p.add_argument("--period", type=float, default=1.0, help="seconds between lines (default 1)")
     args = p.parse_args(argv)
 
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
 
     try:
-        next_print = time.monotonic() + (args.wait if args.once else args.period)
+        start = time.monotonic()
+        next_print = start + (args.wait if args.once else args.period)
         while True:
             rclpy.spin_once(node, timeout_sec=0.05)
+            if args.once and "status" in latest and time.monotonic() - start > 0.5:
+                next_print = 0.0  # status is in; the extra 0.5 s lets the other topics arrive too
             if time.monotonic() >= next_print:
                 line = format_line(latest.get("status"), latest.get("tokens"), latest.get("action"), rate())
                 print(line, flush=True)
