@@ -8,7 +8,9 @@ declares are an error too (rclpy would otherwise ignore a typo silently).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,10 +18,11 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from rt2_ros.params import ConfigError, ParamSpec, resolve
 
@@ -88,20 +91,46 @@ def reject_unknown_overrides(node: Node, allow_prefixes: tuple[str, ...] = ()) -
 
 
 def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
-    """The standard rclpy main: init, build, spin, clean shutdown; ConfigError -> exit 2."""
-    rclpy.init(args=args)
+    """The standard rclpy main: init, build, spin, clean shutdown; ConfigError -> exit 2.
+
+    Our signal handlers, not rclpy's: rclpy's shut the context down on SIGINT before ``close()``
+    runs, so the safety node could not send its last zero twist (and exited 1 under ros2 launch).
+    SIGINT (Ctrl-C, ros2 launch) and SIGTERM abort the start-up, or once spinning set a flag the
+    spin loop checks every 0.1 s: an exception raised from a handler while spinning can land
+    inside rclpy's C++ message conversion and crash the node. While the node closes, further
+    signals are ignored: a terminal's Ctrl-C reaches a launched node twice (terminal, ros2 launch).
+    """
+    stop = threading.Event()
+    spinning = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not spinning:
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
+    executor = SingleThreadedExecutor()
     try:
         node = factory()
-        rclpy.spin(node)
+        executor.add_node(node)
+        spinning = True
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except ConfigError as exc:
         print(f"[rt2_ros] configuration error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if node is not None:
+            executor.remove_node(node)
             close_nodes([node])
+        executor.shutdown(timeout_sec=1.0)
         rclpy.try_shutdown()
     return 0
 
