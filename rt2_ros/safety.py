@@ -452,6 +452,15 @@ class SafetyFilter:
             self._enter_hold(SafetyState.IDLE, f"stopped: {reason}")
         self._last_reasons = (f"stop:{reason}",)
 
+    def hold(self, reason: str) -> None:
+        """Pause a running episode: RUNNING -> HOLDING (zero twist, target frozen at the current
+        pose); the next valid action resumes. Other states are left as they are. Used when a new
+        instruction arrives: the motion stops at once, but the first action of the new episode
+        may already have arrived (instruction and actions travel on different topics)."""
+        if self._episode == SafetyState.RUNNING and not self._estopped and self._fault is None:
+            self._enter_hold(SafetyState.HOLDING, f"hold: {reason}")
+        self._last_reasons = (f"hold:{reason}",)
+
     def estop(self, reason: str) -> None:
         """Latch the emergency stop: zero twist on every tick until :meth:`reset_estop`, actions and
         new episodes ignored. Counted once per latch (calling it repeatedly is harmless)."""

@@ -669,3 +669,21 @@ def test_ramps_up_within_accel_and_converges_to_target(hz: float) -> None:
 def test_docs_parameter_table_is_current() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "safety.md").read_text()
     assert markdown_table(SAFETY_PARAMS) in doc, "regenerate the table in docs/safety.md"
+
+
+def test_hold_pauses_a_running_episode_and_the_next_action_resumes():
+    from rt2_ros.actions import ArmAction
+    from rt2_ros.safety import SafetyConfig, SafetyFilter, SafetyState
+
+    f = SafetyFilter(SafetyConfig.from_params({}))
+    assert f.start_episode([0.5, 0.0, 0.3], [0.0, 1.0, 0.0, 0.0], 0.0, now=0.0)
+    f.on_action(ArmAction([0.03, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0, observation_seq=1), now=0.0)
+    assert np.any(f.tick(0.05).linear_velocity != 0.0)
+    f.hold("new instruction")
+    assert f.state == SafetyState.HOLDING
+    assert np.all(f.tick(0.1).linear_velocity == 0.0)
+    f.on_action(ArmAction([0.02, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0, observation_seq=2), now=0.15)
+    assert f.state == SafetyState.RUNNING
+    f.estop("test")
+    f.hold("ignored while e-stopped")
+    assert f.state == SafetyState.ESTOPPED

@@ -110,8 +110,14 @@ class SafetyNode(Node):
 
     def _on_instruction(self, msg: String) -> None:
         self.instruction = msg.data.strip()
-        # Hold until the policy's first action of the new episode arrives (it carries the new id).
-        self.filter.stop_episode("new instruction" if self.instruction else "empty instruction")
+        if not self.instruction:
+            self.filter.stop_episode("empty instruction")
+        else:
+            # Stop the motion now; the policy's first action of the new episode (it carries the
+            # new episode id) starts it. Not stop_episode(): instruction and actions travel on
+            # different topics, so that first action may already be here, and IDLE would make
+            # the safety node ignore the whole new episode.
+            self.filter.hold("new instruction")
         self._publish_status()
 
     def _on_action(self, msg: ArmActionMsg) -> None:
