@@ -1,11 +1,25 @@
 """``rt2-demo``: a closed-loop episode on the simulated Panda, over real ROS 2, with a report.
 
-What runs: ``rt2-bringup`` (policy + safety nodes) in a child process, and in this process the
-simulator node plus a monitor node. They talk over DDS like on a robot: camera and ee_pose from
-the simulator, arm actions from the policy, MoveIt Servo twists and the gripper command from
-the safety node. The demo sends the instruction, prints progress, stops on the terminate token
-(or a timeout) and writes an episode folder: ``camera.gif``, ``path.png`` (commanded vs
-executed end-effector path in the workspace box), ``summary.json`` and ``episode.mcap``.
+What runs, as on a robot started with ``ros2 launch`` (launch/rt2.launch.py): one process per
+node, talking over DDS — the policy node, the safety node and the simulator node (``rt2_sim``:
+arm driver and camera) — plus this process, which only watches (a monitor node). Camera and
+ee_pose come from the simulator, arm actions from the policy, MoveIt Servo twists and the
+gripper command from the safety node. The demo sends the instruction, prints progress, stops on
+the terminate token (or a timeout), judges the episode from the simulator's ground truth
+(``/rt2_sim/objects``) and writes an episode folder: ``camera.gif`` (with a status band under
+the image), ``frame.png``, ``path.png`` (commanded vs executed end-effector path in the safety
+workspace box), ``summary.json`` and one log per node process. ``rt2-record`` can run alongside
+for an MCAP recording.
+
+Why one process per node (measured on a 2-core machine, see docs/sim.md):
+
+* the simulator renders with pybullet, which holds the GIL for the whole frame (13-33 ms); in
+  the monitor's process it stalled every other callback there, camera frames and poses
+  jittered, and the policy (one request per new frame) fell below its execute rate;
+* policy and safety node each spin a single-threaded executor (``run_node``); in one
+  ``rt2-bringup`` process they share rclpy's MultiThreadedExecutor, which cost 2.7x the CPU
+  (46% vs 17% of a core with no episode running), and on a loaded machine the policy then
+  missed execute steps (6.8-9.5 Hz instead of 10).
 
 Safety of the demo itself: it runs on its own ROS domain with discovery restricted to this
 machine (``--ros-domain``, default 87), so a simulated episode can never command a real arm
@@ -15,19 +29,35 @@ that shares the network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DEFAULT_INSTRUCTION = "pick up the red cube and put it in the tray"
+SETTLE_S = 1.5  # after the episode, let a released cube come to rest before judging
+STARTUP_TIMEOUT_S = 60.0
+GIF_MAX_FRAMES = 400  # at 5 fps: 80 s of episode; later frames are thinned to keep camera.gif small
+BAND_HEIGHT_PX = 58  # the status band under the camera image in camera.gif
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ObjectState:
+    """Ground truth of one object from the simulator's ``~/objects`` markers (base frame, m)."""
+
+    position: tuple[float, float, float]
+    in_tray: bool
 
 
 @dataclass
@@ -41,6 +71,8 @@ class EpisodeLog:
     targets: list = field(default_factory=list)  # (t, xyz) commanded target pose
     executed: list = field(default_factory=list)  # (t, xyz) measured ee pose
     frames: list = field(default_factory=list)  # (t, annotated RGB image)
+    camera: tuple | None = None  # (t, serialized sensor_msgs/Image) latest frame, decoded only when kept
+    objects: tuple | None = None  # (t, {name: ObjectState}) latest ground truth
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +90,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _task_success(sim, instruction: str) -> tuple[bool, str]:
+def _task_success(objects: dict[str, ObjectState], instruction: str) -> tuple[bool, str]:
     """Ground truth from the simulator: the named cube is in the tray (or lifted, if no tray asked)."""
     from rt2_ros.backends.embedded import InstructionNotUnderstood, parse_instruction
 
@@ -67,25 +99,57 @@ def _task_success(sim, instruction: str) -> tuple[bool, str]:
     except InstructionNotUnderstood as exc:
         return False, f"instruction not understood: {exc}"
     name = f"{task.color}_cube"
-    positions = sim.object_positions()
-    if name not in positions:
-        return False, f"no {name} cube in the scene"
+    if name not in objects:
+        return False, f"no {name} in the scene"
     if task.place_in_tray:
-        ok = sim.is_in_tray(name)
-        return ok, f"{name} cube {'is' if ok else 'is not'} in the tray"
-    z = float(positions[name][2])
+        ok = objects[name].in_tray
+        return ok, f"{name} {'is' if ok else 'is not'} in the tray"
+    z = float(objects[name].position[2])
     ok = z > 0.08
-    return ok, f"{name} cube centre at z={z:.3f} m ({'lifted' if ok else 'not lifted'})"
+    return ok, f"{name} centre at z={z:.3f} m ({'lifted' if ok else 'not lifted'})"
+
+
+def _merged_params(params_paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """{node: flat params} of the layered files, later files winning (as rcl applies them)."""
+    from rt2_ros.nodes.bringup import load_params_file
+
+    merged: dict[str, dict[str, Any]] = {}
+    for path in params_paths:
+        for node, flat in load_params_file(path).items():
+            merged.setdefault(node, {}).update(flat)
+    return merged
+
+
+def _child_env() -> dict[str, str]:
+    # The children import rt2_ros from the same place this process did (installed or source tree).
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                PYTHONPATH=str(_PACKAGE_ROOT) + (os.pathsep + path if path else ""))
+
+
+def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 5.0) -> None:
+    """SIGINT (the nodes' clean Ctrl-C path: the safety node sends a last zero twist), then SIGTERM
+    (a child started from a non-interactive shell may have inherited an ignored SIGINT), then kill."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        for p in alive:
+            p.send_signal(sig)
+        deadline = time.monotonic() + timeout_s
+        for p in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rt2_ros.nodes.bringup import ParamsFileError, default_params_file, load_params_file
+    from rt2_ros.nodes.bringup import ParamsFileError, default_params_file
 
+    started = time.monotonic()
     params_paths = [Path(p) for p in args.params] or [default_params_file()]
     try:
-        for path in params_paths:
-            load_params_file(path)
+        node_params = _merged_params(params_paths)
     except ParamsFileError as exc:
         print(f"rt2-demo: {exc}", file=sys.stderr)
         return 2
@@ -94,51 +158,47 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    bringup_log = run_dir / "bringup.log"
-    cmd = [sys.executable, "-m", "rt2_ros.nodes.bringup"]
-    for path in params_paths:
-        cmd += ["--params", str(path)]
-    if args.backend:
-        cmd += ["--backend", args.backend]
-    print(f"rt2-demo: starting policy + safety nodes ({', '.join(p.name for p in params_paths)}), simulator in "
-          "this process; "
+    params_args = [a for p in params_paths for a in ("--params-file", str(p))]
+    policy_overrides = ["-p", f"backend.type:={args.backend}"] if args.backend else []
+    sim_overrides = ["-p", f"sim_node.seed:={args.seed}"] if args.seed is not None else []
+    commands = {
+        "policy": [sys.executable, "-m", "rt2_ros.nodes.policy_node", "--ros-args", *params_args, *policy_overrides],
+        "safety": [sys.executable, "-m", "rt2_ros.nodes.safety_node", "--ros-args", *params_args],
+        "sim": [sys.executable, "-m", "rt2_ros.nodes.sim_node", "--ros-args", *params_args, *sim_overrides],
+    }
+    print(f"rt2-demo: starting the policy, safety and simulator nodes ({', '.join(p.name for p in params_paths)}); "
           f"ROS_DOMAIN_ID={args.ros_domain}, localhost only", flush=True)
-    with open(bringup_log, "w") as log_fh:
-        bringup = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+    children: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:
-        return _run_episode(args, params_paths, run_dir, bringup, bringup_log)
+        for name, cmd in commands.items():
+            log_path = run_dir / f"{name}.log"
+            with open(log_path, "w") as log_fh:
+                proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=_child_env())
+            children[name] = (proc, log_path)
+        return _run_episode(args, params_paths, node_params, run_dir, children, started)
+    except KeyboardInterrupt:
+        print("rt2-demo: interrupted; stopping the nodes", file=sys.stderr)
+        return 130
     finally:
-        if bringup.poll() is None:
-            bringup.send_signal(2)
-            try:
-                bringup.wait(10)
-            except subprocess.TimeoutExpired:
-                bringup.kill()
+        _stop_all([proc for proc, _ in children.values()])
 
 
-def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subprocess.Popen, bringup_log: Path) -> int:
+def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Path,
+                 children: dict[str, tuple[subprocess.Popen, Path]], started: float) -> int:
     import rclpy
     from geometry_msgs.msg import PoseStamped
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
     from std_msgs.msg import String
+    from visualization_msgs.msg import MarkerArray
 
     from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS
-    from rt2_ros.nodes.sim_node import SimNode
-    from rt2_ros.params import ConfigError
     from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus
 
-    rclpy.init(args=["--ros-args", *(a for p in params_paths for a in ("--params-file", str(p)))])
+    rclpy.init(args=[])
     log = EpisodeLog()
     lock = threading.Lock()
-    try:
-        overrides = [Parameter("sim_node.seed", value=args.seed)] if args.seed is not None else []
-        sim_node = SimNode(parameter_overrides=overrides)
-    except ConfigError as exc:
-        print(f"rt2-demo: configuration error: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 2
     monitor = rclpy.create_node("rt2_demo")
 
     def rec(bucket: str):
@@ -154,15 +214,27 @@ def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subproc
                 getattr(log, bucket).append((time.monotonic(), (p.x, p.y, p.z)))
         return cb
 
+    def on_camera(data: bytes) -> None:  # raw: decoded only for the frames the GIF keeps
+        with lock:
+            log.camera = (time.monotonic(), data)
+
+    def on_objects(msg: MarkerArray) -> None:
+        objects = {m.ns: ObjectState((m.pose.position.x, m.pose.position.y, m.pose.position.z), m.text == "in_tray")
+                   for m in msg.markers}
+        with lock:
+            log.objects = (time.monotonic(), objects)
+
     monitor.create_subscription(SafetyStatus, "/rt2_safety/status", rec("statuses"), LATCHED_QOS)
     monitor.create_subscription(ActionTokens, "/rt2_policy/action_tokens", rec("tokens"), 50)
     monitor.create_subscription(ArmAction, "/arm_action", rec("actions"), ACTION_QOS)
     monitor.create_subscription(PoseStamped, "/target_pose", rec_pose("targets"), COMMAND_QOS)
     monitor.create_subscription(PoseStamped, "/ee_pose", rec_pose("executed"), qos_profile_sensor_data)
+    monitor.create_subscription(Image, "/camera/image", on_camera, qos_profile_sensor_data, raw=True)
+    monitor.create_subscription(MarkerArray, "/rt2_sim/objects", on_objects, 10)
     instruction_pub = monitor.create_publisher(String, "/instruction", LATCHED_QOS)
 
-    executor = MultiThreadedExecutor(num_threads=3)
-    executor.add_node(sim_node)
+    # The monitor's callbacks are list appends: one thread is plenty (no executor thread pool).
+    executor = SingleThreadedExecutor()
     executor.add_node(monitor)
     spin_thread = threading.Thread(target=executor.spin, daemon=True)
     spin_thread.start()
@@ -171,27 +243,41 @@ def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subproc
         with lock:
             return log.statuses[-1][1] if log.statuses else None
 
-    def grab_frame(step_text: str) -> None:
-        frame = sim_node.latest_frame
-        if frame is not None:
+    def exited() -> str:
+        for name, (proc, log_path) in children.items():
+            if proc.poll() is not None:
+                return (f"the {name} process exited (code {proc.returncode}); its log {log_path}:\n"
+                        f"{log_path.read_text()[-2000:]}")
+        return ""
+
+    def grab_frame(status: dict[str, str]) -> None:
+        with lock:
+            camera = log.camera
+        if camera is not None:
+            frame = _annotate(_decode_image(camera[1]), status)
             with lock:
-                log.frames.append((time.monotonic(), _annotate(frame, step_text)))
+                log.frames.append((time.monotonic(), frame))
 
     try:
-        deadline = time.monotonic() + 60.0
-        while not (latest_status() is not None and instruction_pub.get_subscription_count() >= 2):
-            if bringup.poll() is not None:
-                print(f"rt2-demo: the policy/safety process exited (code {bringup.returncode}):\n"
-                      f"{bringup_log.read_text()[-2000:]}", file=sys.stderr)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        # Ready: the safety node's latched status is here, policy and safety listen for the
+        # instruction, and camera frames, poses and ground truth flow to every node that needs them.
+        while not (latest_status() is not None and instruction_pub.get_subscription_count() >= 2
+                   and log.camera is not None and log.objects is not None and log.executed
+                   and monitor.count_subscribers("/ee_pose") >= 3 and monitor.count_subscribers("/camera/image") >= 2):
+            problem = exited()
+            if problem:
+                print(f"rt2-demo: {problem}", file=sys.stderr)
                 return 2
             if time.monotonic() > deadline:
-                print(f"rt2-demo: nodes did not come up within 60 s; see {bringup_log}", file=sys.stderr)
+                print(f"rt2-demo: the nodes did not come up within {STARTUP_TIMEOUT_S:.0f} s; see "
+                      f"{', '.join(str(p) for _, p in children.values())}", file=sys.stderr)
                 return 2
-            time.sleep(0.1)
-        time.sleep(1.0)  # let camera frames and poses flow before the episode starts
+            time.sleep(0.05)
+        time.sleep(0.3)  # discovery is two-way: let the nodes' subscriptions see the publishers too
         log.t0 = time.monotonic()
         instruction_pub.publish(String(data=args.instruction))
-        print(f"rt2-demo: instruction {args.instruction!r}", flush=True)
+        print(f"rt2-demo: instruction {args.instruction!r} (nodes up after {log.t0 - started:.1f} s)", flush=True)
 
         end_reason = "timeout"
         next_print = next_frame = log.t0
@@ -201,15 +287,16 @@ def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subproc
             with lock:
                 n_actions = len(log.actions)
                 last_tokens = log.tokens[-1][1] if log.tokens else None
-            phase = last_tokens.plan if last_tokens is not None and last_tokens.plan else "-"
-            line = (f"t={now - log.t0:5.1f}s step={n_actions:4d} phase={phase[:40]:40s} "
-                    f"latency={(last_tokens.latency_s * 1000 if last_tokens else float('nan')):5.0f}ms "
-                    f"safety={s.state_name if s else '?'}")
+            status = {"t": f"{now - log.t0:5.1f} s", "step": f"{n_actions}",
+                      "phase": last_tokens.plan if last_tokens is not None and last_tokens.plan else "-",
+                      "latency": f"{last_tokens.latency_s * 1000:.0f} ms" if last_tokens else "-",
+                      "safety": s.state_name if s else "?"}
             if now >= next_frame:
-                grab_frame(line)
+                grab_frame(status)
                 next_frame += 1.0 / args.gif_fps
             if now >= next_print:
-                print(line, flush=True)
+                print(f"t={status['t']} step={n_actions:4d} phase={status['phase'][:40]:40s} "
+                      f"latency={status['latency']:>7s} safety={status['safety']}", flush=True)
                 next_print += 1.0
             if s is not None and s.episode_id >= 1 and s.instruction == args.instruction.strip():
                 if s.state == SafetyStatus.TERMINATED:
@@ -218,45 +305,94 @@ def _run_episode(args, params_paths: list[Path], run_dir: Path, bringup: subproc
                 if s.state == SafetyStatus.ESTOPPED:
                     end_reason = "estopped"
                     break
-            if bringup.poll() is not None:
-                end_reason = f"policy/safety process exited ({bringup.returncode})"
+            problem = exited()
+            if problem:
+                end_reason = problem.splitlines()[0]
+                print(f"rt2-demo: {problem}", file=sys.stderr)
                 break
             time.sleep(0.02)
         wall = time.monotonic() - log.t0
-        settle_end = time.monotonic() + 1.5  # let a released cube come to rest before judging
+        settle_end = time.monotonic() + SETTLE_S
         while time.monotonic() < settle_end:
-            grab_frame(f"t={time.monotonic() - log.t0:5.1f}s episode ended: {end_reason}")
+            s = latest_status()
+            grab_frame({"t": f"{time.monotonic() - log.t0:5.1f} s", "step": f"{len(log.actions)}",
+                        "phase": f"episode ended: {end_reason}", "latency": "-", "safety": s.state_name if s else "?"})
             time.sleep(1.0 / args.gif_fps)
-        success, verdict = _task_success(sim_node.sim, args.instruction)
+        objects = _fresh_objects(log, lock, after=settle_end, timeout_s=3.0)
+        if objects is None:
+            success, verdict = False, "no ground truth from the simulator (/rt2_sim/objects)"
+            objects = {}
+        else:
+            success, verdict = _task_success(objects, args.instruction)
         success = success and end_reason == "terminated"
         summary = _summary(log, args, params_paths, wall, end_reason, success, verdict, latest_status())
-        _write_outputs(run_dir, log, summary, sim_node)
+        _write_outputs(run_dir, log, objects, _workspace(node_params))
+        summary["total_wall_time_s"] = round(time.monotonic() - started, 2)  # start-up to outputs written
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"rt2-demo: {'SUCCESS' if success else 'FAILED'}: {verdict}; episode {end_reason} after "
               f"{wall:.1f} s, {summary['steps']} steps at {summary['control_rate_hz']:.1f} Hz, latency p50 "
               f"{summary['latency_ms']['p50']:.0f} ms / p95 {summary['latency_ms']['p95']:.0f} ms", flush=True)
-        print(f"rt2-demo: wrote {run_dir}/ (camera.gif, path.png, summary.json, bringup.log)", flush=True)
+        print(f"rt2-demo: wrote {run_dir}/ (camera.gif, path.png, summary.json, policy/safety/sim.log)", flush=True)
         return 0 if success else 1
     finally:
         executor.shutdown(timeout_sec=2.0)
-        sim_node.close()
-        sim_node.destroy_node()
         monitor.destroy_node()
         rclpy.try_shutdown()
 
 
-def _annotate(frame: np.ndarray, text: str) -> np.ndarray:
+def _fresh_objects(log: EpisodeLog, lock: threading.Lock, after: float, timeout_s: float
+                   ) -> dict[str, ObjectState] | None:
+    """The simulator's ground truth as published after ``after`` (it publishes at 2 Hz)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with lock:
+            objects = log.objects
+        if objects is not None and objects[0] >= after:
+            return objects[1]
+        time.sleep(0.05)
+    return None
+
+
+def _workspace(node_params: dict[str, dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """The safety workspace box the safety node runs with (params files over the code defaults)."""
+    from rt2_ros.params import resolve
+    from rt2_ros.safety import SAFETY_PARAMS
+
+    names = ("safety.workspace_min", "safety.workspace_max")
+    given = {k: v for k, v in node_params.get("rt2_safety", {}).items() if k in names}
+    resolved = resolve([s for s in SAFETY_PARAMS if s.name in names], given)
+    return resolved[names[0]], resolved[names[1]]
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import Image
+
+    from rt2_ros.nodes.common import image_msg_to_rgb
+
+    return image_msg_to_rgb(deserialize_message(data, Image))
+
+
+def _annotate(frame: np.ndarray, status: dict[str, str]) -> np.ndarray:
+    """The camera image (scaled to about 448 px wide) over a white band with the status in three lines:
+    time and step, the phase (the policy's plan text), latency and safety state."""
     import cv2
 
-    scale = max(1, 448 // frame.shape[1])
+    scale = max(1, round(448 / frame.shape[1]))
     img = cv2.resize(frame, (frame.shape[1] * scale, frame.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
-    img = np.ascontiguousarray(img)
-    words = text.split()
-    lines = [" ".join(words[:2]), " ".join(w for w in words[2:] if not w.startswith("latency"))[:60],
-             " ".join(w for w in words if w.startswith(("latency", "safety")))]
+    width = img.shape[1]
+    band = np.full((BAND_HEIGHT_PX, width, 3), 255, dtype=np.uint8)
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    phase = status.get("phase", "-")
+    max_chars = max(10, int(width / 8.2) - 7)  # ~8 px per character at this font size
+    if len(phase) > max_chars:
+        phase = phase[:max_chars - 3] + "..."
+    lines = [f"t = {status.get('t', '-').strip()}    step {status.get('step', '-')}",
+             f"phase: {phase}",
+             f"latency {status.get('latency', '-')}    safety {status.get('safety', '?')}"]
     for i, line in enumerate(lines):
-        cv2.putText(img, line, (6, 16 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(img, line, (6, 16 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1, cv2.LINE_AA)
-    return img
+        cv2.putText(band, line, (8, 16 + 18 * i), font, size, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.ascontiguousarray(np.concatenate([img, band], axis=0))
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -268,17 +404,22 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def _summary(log: EpisodeLog, args, params_paths: list[Path], wall: float, end_reason: str, success: bool, verdict: str,
              status) -> dict:
-    times = [t for t, _ in log.actions]
+    # The policy's action rate by the actions' own stamps (set when the policy node publishes), so
+    # DDS delivery jitter at this monitor does not count as policy jitter.
+    times = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for _, m in log.actions]
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    intervals = np.diff(times).tolist() if len(times) > 1 else []
     latencies = [m.latency_s for _, m in log.tokens if math.isfinite(m.latency_s)]
     return {
         "instruction": args.instruction,
+        "seed": args.seed,
         "success": success,
         "verdict": verdict,
         "end": end_reason,
         "wall_time_s": round(wall, 2),
         "steps": len(log.actions),
         "control_rate_hz": round(rate, 2),
+        "action_interval_ms": {k: round(v, 1) for k, v in _percentiles(intervals).items()},
         "replies": len(log.tokens),
         "latency_ms": {k: round(v, 1) for k, v in _percentiles(latencies).items()},
         "safety": None if status is None else {
@@ -291,26 +432,60 @@ def _summary(log: EpisodeLog, args, params_paths: list[Path], wall: float, end_r
     }
 
 
-def _write_outputs(run_dir: Path, log: EpisodeLog, summary: dict, sim_node) -> None:
-    import imageio.v2 as imageio
-
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+def _write_outputs(run_dir: Path, log: EpisodeLog, objects: dict[str, ObjectState],
+                   workspace: tuple[list[float], list[float]]) -> None:
     if log.frames:
         frames = [f for _, f in log.frames]
-        imageio.mimsave(run_dir / "camera.gif", frames, duration=1.0 / 5.0, loop=0)
+        _write_gif(run_dir / "camera.gif", frames, fps=5.0)
+        import imageio.v2 as imageio
+
         imageio.imwrite(run_dir / "frame.png", frames[len(frames) // 2])
-    _plot_paths(run_dir / "path.png", log, sim_node)
+    _plot_paths(run_dir / "path.png", log, objects, workspace)
 
 
-def _plot_paths(path: Path, log: EpisodeLog, sim_node) -> None:
+def _write_gif(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """An animated GIF that stores, per frame, only the pixels that changed.
+
+    All frames share one palette (from a few frames spread over the episode; the scene changes
+    little), so a pixel that did not change keeps its palette index exactly; those pixels become
+    the transparent index and the frame is drawn over the previous one (disposal 1). Long runs of
+    one index are what GIF's LZW compresses well: a few KB a frame instead of ~30 KB, with no further loss
+    (every frame decodes to its quantised image exactly).
+    """
+    from PIL import Image as PILImage
+
+    if len(frames) > GIF_MAX_FRAMES:  # very long episodes: keep the GIF small, play it faster
+        keep = np.linspace(0, len(frames) - 1, GIF_MAX_FRAMES).round().astype(int)
+        frames = [frames[i] for i in keep]
+    colors = 255  # index 255 is reserved for "unchanged"
+    picks = np.linspace(0, len(frames) - 1, min(6, len(frames))).astype(int)
+    quantizer = PILImage.fromarray(np.concatenate([frames[i] for i in picks])).quantize(
+        colors=colors, method=PILImage.Quantize.FASTOCTREE)
+    palette = (quantizer.getpalette() or [])[:3 * colors]
+    palette += [0] * (3 * colors - len(palette)) + [255, 0, 255]  # the transparent slot (never shown)
+    indexed = [np.asarray(PILImage.fromarray(f).quantize(palette=quantizer, dither=PILImage.Dither.NONE))
+               for f in frames]
+    images = []
+    for k, idx in enumerate(indexed):
+        out = idx.copy()
+        if k:
+            out[idx == indexed[k - 1]] = colors
+        image = PILImage.fromarray(out.astype(np.uint8), mode="P")
+        image.putpalette(palette)
+        images.append(image)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000.0 / fps), loop=0,
+                   transparency=colors, disposal=1, optimize=False)
+
+
+def _plot_paths(path: Path, log: EpisodeLog, objects: dict[str, ObjectState],
+                workspace: tuple[list[float], list[float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    cfg = sim_node.sim.config
-    lo, hi = cfg["sim.workspace_min"], cfg["sim.workspace_max"]
+    lo, hi = workspace
     tgt = np.array([p for t, p in log.targets if t >= log.t0]) if log.targets else np.zeros((0, 3))
     exe = np.array([p for t, p in log.executed if t >= log.t0]) if log.executed else np.zeros((0, 3))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
@@ -321,7 +496,8 @@ def _plot_paths(path: Path, log: EpisodeLog, sim_node) -> None:
             ax.plot(exe[:, i], exe[:, j], "-", color="tab:blue", lw=2, label="executed (measured ee_pose)")
         if len(tgt):
             ax.plot(tgt[:, i], tgt[:, j], "--", color="tab:orange", lw=1.2, label="commanded (safe target_pose)")
-        for name_obj, pos in sim_node.sim.object_positions().items():
+        for name_obj, state in sorted(objects.items()):
+            pos = state.position
             color = {"red": "red", "green": "green", "blue": "blue", "yellow": "gold"}.get(name_obj.split("_")[0],
                                                                                           "purple")
             ax.plot(pos[i], pos[j], "s", ms=7, color=color)

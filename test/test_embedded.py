@@ -3,6 +3,8 @@ sim render -> EmbeddedBackend -> RT-2 number text -> tokenizer -> SafetyFilter -
 
 from __future__ import annotations
 
+from collections import deque
+
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rt2_ros.actions import Observation
-from rt2_ros.backends import BackendError, BackendTimeout, create_backend
+from rt2_ros.backends import BackendConfigError, BackendError, BackendTimeout, create_backend
 from rt2_ros.backends.embedded import (
     EMBEDDED_OPTIONS,
     EmbeddedBackend,
@@ -19,7 +21,6 @@ from rt2_ros.backends.embedded import (
     find_blob,
     parse_instruction,
 )
-from rt2_ros.params import ConfigError
 from rt2_ros.safety import SafetyConfig, SafetyFilter
 from rt2_ros.sim.tabletop import TabletopSim
 from rt2_ros.tokens import ActionTokenizer
@@ -173,9 +174,10 @@ def test_timeout_is_enforced(sim, backend):
     ({"camera_fx": -5.0}, "camera_fx"), ({"approach_heigth_m": 0.1}, "approach_heigth_m"),
     ({"hsv_red": [0, 10, 0]}, "hsv_red"),
 ])
-def test_bad_options_name_the_key(tokenizer, options, key):
-    with pytest.raises(ConfigError, match=key):
-        create_backend("embedded", options, tokenizer)
+@pytest.mark.parametrize("build", [lambda o, t: create_backend("embedded", o, t), EmbeddedBackend])
+def test_bad_options_name_the_key(tokenizer, options, key, build):
+    with pytest.raises(BackendConfigError, match=key):
+        build(options, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------- phase machine (kinematic)
@@ -214,6 +216,102 @@ def test_missed_grasps_are_retried_then_abandoned(sim, tokenizer):
     assert "failed to grasp" in plans[-1]
     starts = [i for i in range(1, len(plans)) if plans[i].startswith("grasp") and not plans[i - 1].startswith("grasp")]
     assert len(starts) == retries + 1
+
+
+class LaggyArm(KinematicArm):
+    """The downstream of the ROS loop in miniature: each decoded delta reaches the commanded target
+    ``delay`` steps late (camera frame age, the execute queue) and the arm follows the target with a
+    first-order lag (the safety node's P-control): ``position += alpha * (target - position)`` a step."""
+
+    def __init__(self, position, gripper_reading, delay: int, alpha: float):
+        super().__init__(position, gripper_reading)
+        self.target = self.position.copy()
+        self.alpha = alpha
+        self.pipe: deque[np.ndarray] = deque(np.zeros(3) for _ in range(delay))
+        self.targets = [self.target.copy()]
+
+    def apply(self, action):
+        self.pipe.append(np.asarray(action.translation, dtype=np.float64))
+        self.target = self.target + self.pipe.popleft()
+        self.position = self.position + self.alpha * (self.target - self.position)
+        self.targets.append(self.target.copy())
+        self.t += POLICY_DT
+
+    def safety_hold(self):
+        """What a safety hold does downstream: the target freezes at the current pose, deltas in the pipe are lost."""
+        self.target = self.position.copy()
+        self.pipe = deque(np.zeros(3) for _ in self.pipe)
+
+
+def _option(name: str):
+    return next(s.default for s in EMBEDDED_OPTIONS if s.name.endswith("." + name))
+
+
+def _run_laggy(backend, tokenizer, image, arm, instruction="pick up the red cube", max_steps=250, hold_at=None):
+    plans = []
+    for seq in range(max_steps):
+        if seq == hold_at:
+            arm.safety_hold()
+        reply = backend.infer(arm.observe(image, instruction, seq), 1.0)
+        plans.append(tokenizer.parse_text(reply.text).plan)
+        action = tokenizer.decode_reply(reply)[0]
+        if action.terminate:
+            break
+        arm.apply(action)
+    return plans
+
+
+@settings(max_examples=12, deadline=None)
+@given(delay=st.integers(0, 3), alpha=st.floats(0.15, 1.0))
+def test_lagging_arm_reaches_every_goal_without_overshoot(sim, tokenizer, delay, alpha):
+    """Deltas come from the commanded target, so a delayed, lagging arm never overshoots (the old
+    measured-pose deltas made an integrator behind a delay: loops over the tray, a hand pushed into
+    the table) and the episode still completes."""
+    sim.reset(0)
+    image = sim.render()
+    b = create_backend("embedded", {}, tokenizer)
+    arm = LaggyArm(sim.ee_pose()[0], lambda t: 0.5, delay, alpha)  # 0.5: closed on a cube
+    plans = _run_laggy(b, tokenizer, image, arm)
+    assert plans[-1].startswith("done with the red cube"), plans[-5:]
+    targets = np.array(arm.targets)
+    grasp, lift = _option("grasp_height_m"), _option("lift_height_m")
+    quantum = 0.04 / 255  # one rt2 translation bin
+    assert targets[:, 2].min() >= grasp - 2 * quantum  # never commanded below the grasp height
+    assert targets[:, 2].max() <= max(targets[0, 2], lift + 2 * quantum)
+    assert b.reanchors == 0  # lag alone is not mistaken for a reset target
+
+
+def test_commanded_target_is_reanchored_after_a_safety_hold(sim, tokenizer):
+    """A hold freezes the downstream target short of where the policy believes it is; once the arm
+    has settled there, the policy re-anchors on the measured pose and finishes the task."""
+    sim.reset(0)
+    image = sim.render()
+    b = create_backend("embedded", {}, tokenizer)
+    arm = LaggyArm(sim.ee_pose()[0], lambda t: 0.5, delay=2, alpha=0.3)
+    plans = _run_laggy(b, tokenizer, image, arm, hold_at=6)  # mid-approach, deltas in flight
+    assert b.reanchors >= 1
+    assert plans[-1].startswith("done with the red cube"), plans[-5:]
+    assert np.array(arm.targets)[:, 2].min() >= _option("grasp_height_m") - 2 * 0.04 / 255
+
+
+def test_holding_still_does_not_drift_with_quantisation(sim, tokenizer):
+    """Zero motion encodes to bin 127, which decodes to -0.08 mm: answers are accounted as decoded,
+    so a long hold (here the grasp wait) dithers around the goal instead of creeping away."""
+    sim.reset(0)
+    image = sim.render()
+    b = create_backend("embedded", {"grasp_wait_s": 6.0}, tokenizer)
+    arm = KinematicArm(sim.ee_pose()[0], lambda t: 0.5)
+    positions = []
+    for seq in range(200):
+        reply = b.infer(arm.observe(image, "pick up the red cube", seq), 1.0)
+        if b.phase is Phase.GRASP:
+            positions.append(arm.position.copy())
+        elif positions:
+            break
+        arm.apply(tokenizer.decode_reply(reply)[0])
+    assert len(positions) >= 25
+    drift = np.abs(np.array(positions) - positions[0]).max()
+    assert drift <= 2 * 0.04 / 255
 
 
 def test_reset_and_new_instruction_restart_the_episode(sim, backend, tokenizer):

@@ -123,6 +123,20 @@ def test_default_render_size_follows_camera_params():
         assert set(small.object_positions()) == {"red_cube", "tray"}
 
 
+def test_visual_and_collision_meshes_render_the_same_scene(sim):
+    """Collision meshes as visuals (the faster default) change only the arm's look, not the scene:
+    the objects the policy looks for get exactly the same pixels, and the arm the same place."""
+    sim.reset(seed=2)
+    with TabletopSim({"sim.collision_visuals": False}, seed=2) as detailed:
+        assert np.array_equal(sim.render(), sim.render())  # deterministic, so equality below is meaningful
+        fast, slow = sim.render(), detailed.render()
+        for name, mask in sim.segmentation().items():
+            assert np.array_equal(mask, detailed.segmentation()[name]), name
+            assert np.array_equal(fast[mask], slow[mask]), name
+        changed = np.any(fast != slow, axis=2)
+        assert 0 < changed.mean() < 0.04  # the arm differs in detail (~2% of the pixels), nothing else
+
+
 @pytest.mark.parametrize("name", sorted(CUBE_COLORS))
 def test_camera_model_matches_renderer(fresh, name):
     """Ground-truth centre projected with the camera model lands on the object's rendered pixels."""

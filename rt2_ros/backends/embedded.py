@@ -18,11 +18,28 @@ How it works, per observation:
    using the configured camera model (``backend.embedded.camera_*``: intrinsics and the camera
    pose in the robot base frame - on a real robot, your calibration).
 3. Run the phase machine approach -> descend -> grasp -> lift -> (move above tray -> lower ->
-   release -> retreat) -> terminate, using the measured end-effector position
-   (``Observation.ee_position``, required) to compute the per-step delta toward the current
-   phase goal, clipped to the tokenizer's range.
+   release -> retreat) -> terminate. Phase goals are checked against the measured end-effector
+   position (``Observation.ee_position``, required); the per-step delta is computed from the
+   *commanded* target the policy has built up (see below), clipped to the tokenizer's range.
 4. Encode with the configured tokenizer (``tokenizer.encode`` then ``format_text``), so the
    answer goes through exactly the same parsing and detokenization as a real model's.
+
+Why deltas come from the commanded target, not the measured pose: downstream, each delta is
+added to a commanded target (safety filter) that the arm tracks with a lag (P-control, speed
+and acceleration limits), and each answer reaches the arm one or two steps after its camera
+frame (frame age, the execute queue). A delta ``gain * (goal - measured)`` therefore asks
+again for motion that is already commanded but not yet executed: an integrator behind a
+delay, which overshoots and loops (measured on the ROS demo: 6 cm median target/pose gap,
+spirals over the tray, dropped cubes). So the policy keeps its own copy of the commanded
+target: it starts at the measured pose, adds every delta *as the tokenizer decodes it* (so
+quantisation never accumulates), and steps toward the goal from there; the arm's lag then
+only delays arrival, it cannot cause overshoot. If the downstream target was reset behind the
+policy's back (a safety hold freezes it at the current pose, a late reply is dropped, a
+workspace wall clips it), the arm stops short while the policy's copy says "there": after
+``settle_time_s`` without motion the copy is re-anchored on the measured pose.
+Rejected: a lower gain on measured-pose deltas (slow, and still oscillates once the latency
+grows); predicting the arm's lag from a model of the controller (its gains, speed limits and
+the queue timing are not the policy's to know).
 
 Limits (by design; see docs/sim.md): top-down grasps only, no yaw alignment, one object per
 colour, objects must be visible to the camera before the descent, colour thresholds need
@@ -49,8 +66,8 @@ import numpy as np
 import transforms3d.quaternions as tq
 
 from rt2_ros.actions import ArmAction, BackendReply, Observation
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
-from rt2_ros.params import ParamSpec, resolve
+from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout, resolve_options
+from rt2_ros.params import ParamSpec
 from rt2_ros.sim.camera import CameraError, PinholeCamera, camera_param_specs
 
 if TYPE_CHECKING:
@@ -94,9 +111,17 @@ EMBEDDED_OPTIONS: tuple[ParamSpec, ...] = (
               "largest translation per answer (also limited by the tokenizer's range)", "m", 0.001, 0.5),
     ParamSpec(_P + "max_rotation_step_rad", "double", 0.1,
               "largest orientation correction per answer (also limited by the tokenizer's range)", "rad", 0.0, 1.0),
-    ParamSpec(_P + "gain", "double", 0.8,
-              "fraction of the remaining error commanded per answer (below 1 damps the lag of the arm "
-              "behind its commanded target)", "", 0.05, 1.0),
+    ParamSpec(_P + "gain", "double", 1.0,
+              "fraction of the remaining distance between the phase goal and the commanded target added per "
+              "answer (before max_step_m); the commanded target, not the lagging measured pose, so 1 does "
+              "not overshoot", "", 0.05, 1.0),
+    ParamSpec(_P + "settle_time_s", "double", 1.0,
+              "if the measured pose has not moved (settle_motion_m) for this long while it is further than "
+              "position_tolerance_m from the commanded target the policy believes in, that target was reset "
+              "downstream (safety hold, dropped reply, wall): re-anchor it on the measured pose", "s", 0.1, 10.0),
+    ParamSpec(_P + "settle_motion_m", "double", 0.003,
+              "largest end-effector displacement that still counts as 'not moving' for settle_time_s", "m",
+              0.0001, 0.05),
     ParamSpec(_P + "grasp_orientation", "double_array", [0.0, 1.0, 0.0, 0.0],
               "end-effector orientation held during the task, quaternion (w, x, y, z) in the base frame "
               "(default: grasp frame z pointing down); used only when the observation has ee_orientation",
@@ -230,6 +255,16 @@ def find_blob(image_rgb: np.ndarray, hsv_range: list[int], min_area_px: int) -> 
     return float(centroids[best][0]), float(centroids[best][1]), area
 
 
+def _unit_quaternion(value: Any) -> np.ndarray | None:
+    """``value`` as a unit quaternion (w, x, y, z), or None when absent or malformed."""
+    if value is None:
+        return None
+    q = np.asarray(value, dtype=np.float64).reshape(-1)
+    if q.shape != (4,) or not np.all(np.isfinite(q)) or np.linalg.norm(q) < 1e-6:
+        return None
+    return q / np.linalg.norm(q)
+
+
 def _rotvec_between(q_from: np.ndarray, q_to: np.ndarray) -> np.ndarray:
     """Base-frame rotation vector r with exp(r) * q_from = q_to (shortest path)."""
     q = tq.qmult(q_to, tq.qinverse(q_from))
@@ -250,10 +285,10 @@ class EmbeddedBackend(Backend):
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         # create_backend() has validated the options already; resolving again fills defaults when
         # the class is built directly (tests, notebooks) and costs nothing.
-        full = resolve(EMBEDDED_OPTIONS, {_P + k: v for k, v in options.items()})
-        super().__init__({k[len(_P):]: v for k, v in full.items()}, tokenizer)
+        opts = resolve_options(EMBEDDED_OPTIONS, _P, options)
+        super().__init__(opts, tokenizer)
         try:
-            self.camera = PinholeCamera.from_params(full, _P + "camera_")
+            self.camera = PinholeCamera.from_params({_P + k: v for k, v in opts.items()}, _P + "camera_")
         except CameraError as exc:
             raise BackendConfigError(str(exc)) from None
         q = np.asarray(self._opt("grasp_orientation"), dtype=np.float64)
@@ -299,6 +334,13 @@ class EmbeddedBackend(Backend):
         self._lost = 0
         self._retries = 0
         self._gripper = 0.0  # commanded closedness of the current phase
+        # The commanded target as built up by this policy's own answers (see the module docstring):
+        # None until the first observation of the episode anchors it on the measured pose.
+        self._cmd_p: np.ndarray | None = None
+        self._cmd_q: np.ndarray | None = None
+        self._still_at: np.ndarray | None = None  # measured position where the arm was last seen moving
+        self._still_since = (math.nan, math.nan)  # (stamp, monotonic) since when it has not moved
+        self.reanchors = 0  # how often the commanded target had to be re-anchored (diagnostics, tests)
 
     @property
     def phase(self) -> Phase:
@@ -320,6 +362,7 @@ class EmbeddedBackend(Backend):
             self._look(observation.image)
         plan, action = self._decide(observation, ee)
         bins = self.tokenizer.encode(action)
+        self._account(self.tokenizer.decode(bins))
         if getattr(self.tokenizer, "token_form", "text") == "ids":  # PaLM-E / OpenVLA style: ids, no plan
             ids = tuple(int(i) for i in self.tokenizer.ids_from_bins(bins))
             reply = BackendReply(seq=observation.seq, backend=self.name, token_ids=ids)
@@ -383,6 +426,9 @@ class EmbeddedBackend(Backend):
             self._phase_start = now
         table = self._opt("table_height_m")
         tol = self._opt("position_tolerance_m")
+        self._track_commanded(ee, observation, now)
+        cmd = self._cmd_p
+        assert cmd is not None
 
         # Localisation: wait (holding) a few steps for the object / tray to be seen.
         needs_tray = task.place_in_tray and self._phase in (Phase.TRANSPORT, Phase.LOWER)
@@ -394,21 +440,22 @@ class EmbeddedBackend(Backend):
                 self._problem = f"cannot see {what}"
                 self._phase = Phase.DONE
                 return self._terminate_plan(), self._terminate()
-            return f"look for {what}", self._action(ee, ee, observation)
+            return f"look for {what}", self._action(cmd, observation)  # hold the commanded target
         self._lost = 0
 
         for _ in range(len(Phase)):  # advance through every phase whose goal is already met
-            goal = self._goal(ee, table)
+            goal = self._goal(cmd, table)
             if goal is None or not self._phase_done(ee, goal, now, tol, observation):
                 break
         if self._phase is Phase.DONE:
             return self._terminate_plan(), self._terminate()
-        goal = self._goal(ee, table)
+        goal = self._goal(cmd, table)
         assert goal is not None
-        return PLAN_TEXT[self._phase].format(obj=task.object_phrase), self._action(ee, goal, observation)
+        return PLAN_TEXT[self._phase].format(obj=task.object_phrase), self._action(goal, observation)
 
-    def _goal(self, ee: np.ndarray, table: float) -> np.ndarray | None:
-        """The end-effector position goal of the current phase (base frame)."""
+    def _goal(self, cmd: np.ndarray, table: float) -> np.ndarray | None:
+        """The end-effector position goal of the current phase (base frame); ``cmd`` is the commanded
+        target, from which the path is planned (the arm follows it with a lag)."""
         p = self._phase
         if p is Phase.DONE:
             return None
@@ -416,9 +463,9 @@ class EmbeddedBackend(Backend):
             xy = self._object_xy
             hover = table + self._opt("approach_height_m")
             # Rise before moving sideways so the hand never sweeps low across the table.
-            far = np.linalg.norm(ee[:2] - xy) > 3 * self._opt("position_tolerance_m")
-            if far and ee[2] < hover - 2 * self._opt("position_tolerance_m"):
-                return np.array([ee[0], ee[1], hover])
+            far = np.linalg.norm(cmd[:2] - xy) > 3 * self._opt("position_tolerance_m")
+            if far and cmd[2] < hover - 2 * self._opt("position_tolerance_m"):
+                return np.array([cmd[0], cmd[1], hover])
             return np.array([xy[0], xy[1], hover])
         if p in (Phase.DESCEND, Phase.GRASP):
             xy = self._object_xy
@@ -434,10 +481,8 @@ class EmbeddedBackend(Backend):
         return np.array([tray[0], tray[1], table + self._opt("retreat_height_m")])  # RETREAT
 
     def _in_phase_s(self, now: tuple[float, float]) -> float:
-        """Seconds since the phase began, by observation stamps (camera time, right for replays and
-        simulated time); by the wall clock if the stamps stand still (callers that never set them)."""
-        by_stamp = now[0] - self._phase_start[0]
-        return by_stamp if by_stamp > 0 else now[1] - self._phase_start[1]
+        """Seconds since the phase began (see :meth:`_elapsed_s`)."""
+        return self._elapsed_s(self._phase_start, now)
 
     def _phase_done(self, ee: np.ndarray, goal: np.ndarray, now: tuple[float, float], tol: float,
                     obs: Observation) -> bool:
@@ -487,23 +532,68 @@ class EmbeddedBackend(Backend):
             return Phase.DONE
         return Phase.APPROACH
 
-    def _action(self, ee: np.ndarray, goal: np.ndarray, obs: Observation) -> ArmAction:
-        """Per-step delta toward ``goal`` (clipped) plus orientation hold and the gripper command."""
-        step = self._opt("gain") * (goal - ee)
+    def _action(self, goal: np.ndarray, obs: Observation) -> ArmAction:
+        """Per-step delta from the commanded target toward ``goal`` (clipped), the orientation
+        correction toward ``grasp_orientation`` (also from the commanded orientation) and the gripper."""
+        assert self._cmd_p is not None
+        step = self._opt("gain") * (goal - self._cmd_p)
         norm = float(np.linalg.norm(step))
         if norm > self._opt("max_step_m"):
             step *= self._opt("max_step_m") / norm
         step = np.clip(step, self._t_lo, self._t_hi)
         rotation = np.zeros(3)
-        if obs.ee_orientation is not None:
-            q = np.asarray(obs.ee_orientation, dtype=np.float64).reshape(-1)
-            if q.shape == (4,) and np.all(np.isfinite(q)) and np.linalg.norm(q) > 1e-6:
-                rotation = self._opt("gain") * _rotvec_between(q / np.linalg.norm(q), self._grasp_q)
-                limit = min(self._opt("max_rotation_step_rad"), self._max_rot)
-                angle = float(np.linalg.norm(rotation))
-                if angle > limit:
-                    rotation *= limit / angle
+        if self._cmd_q is not None:
+            rotation = self._opt("gain") * _rotvec_between(self._cmd_q, self._grasp_q)
+            limit = min(self._opt("max_rotation_step_rad"), self._max_rot)
+            angle = float(np.linalg.norm(rotation))
+            if angle > limit:
+                rotation *= limit / angle
         return self._with_gripper(ArmAction(step, rotation, self._gripper), obs)
+
+    # ------------------------------------------------------------------ commanded target bookkeeping
+    def _track_commanded(self, ee: np.ndarray, obs: Observation, now: tuple[float, float]) -> None:
+        """Anchor the commanded target on the measured pose at the start, and re-anchor it when the
+        arm has settled away from it (the downstream target was reset; module docstring)."""
+        q_meas = _unit_quaternion(obs.ee_orientation)
+        if self._cmd_p is None:
+            self._anchor(ee, q_meas, now)
+            return
+        # The settle clock runs only while the arm is away from the commanded target AND not moving:
+        # standing still at the target (grasping) and the first moments of a new motion (the answer
+        # is still on its way to the controller) are normal.
+        away = bool(np.any(np.abs(self._cmd_p - ee) > self._opt("position_tolerance_m")))
+        moved = self._still_at is None or np.linalg.norm(ee - self._still_at) > self._opt("settle_motion_m")
+        if not away or moved:
+            self._still_at, self._still_since = ee.copy(), now
+            return
+        if self._elapsed_s(self._still_since, now) >= self._opt("settle_time_s"):
+            self.reanchors += 1
+            self._anchor(ee, q_meas, now)
+
+    def _anchor(self, ee: np.ndarray, q_meas: np.ndarray | None, now: tuple[float, float]) -> None:
+        self._cmd_p = ee.copy()
+        self._cmd_q = q_meas
+        self._still_at, self._still_since = ee.copy(), now
+
+    def _account(self, executed: ArmAction) -> None:
+        """Add the answer, as the tokenizer decodes it (what the safety filter will add), to the
+        commanded target."""
+        if executed.terminate or self._cmd_p is None:
+            return
+        self._cmd_p = self._cmd_p + np.asarray(executed.translation, dtype=np.float64)
+        if self._cmd_q is not None:
+            rot = np.asarray(executed.rotation, dtype=np.float64)
+            angle = float(np.linalg.norm(rot))
+            if angle > 1e-12:  # base-frame rotation vector: left-multiply, as the safety filter does
+                q = tq.qmult(tq.axangle2quat(rot / angle, angle), self._cmd_q)
+                self._cmd_q = q / np.linalg.norm(q)
+
+    @staticmethod
+    def _elapsed_s(since: tuple[float, float], now: tuple[float, float]) -> float:
+        """Seconds from ``since`` to ``now`` by observation stamps (camera time, right for replays and
+        simulated time); by the wall clock if the stamps stand still (callers that never set them)."""
+        by_stamp = now[0] - since[0]
+        return by_stamp if by_stamp > 0 else now[1] - since[1]
 
     def _with_gripper(self, action: ArmAction, obs: Observation) -> ArmAction:
         if not getattr(self.tokenizer, "gripper_relative", False):

@@ -28,8 +28,10 @@ from rt2_ros.sim.tabletop import SIM_PARAMS, SimCommandError, TabletopSim
 NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("sim_node.control_rate_hz", "double", 50.0, "Rate at which twists are applied and physics advances",
               "Hz", 5.0, 500.0),
-    ParamSpec("sim_node.camera_rate_hz", "double", 10.0, "Camera frame rate (rendering is the costly part)", "Hz",
-              0.5, 60.0),
+    ParamSpec("sim_node.camera_rate_hz", "double", 15.0,
+              "Camera frame rate (rendering is the costly part); above the policy's execute rate, because the "
+              "policy sends each frame once: a camera slower than policy.execute_rate_hz caps the action rate",
+              "Hz", 0.5, 60.0),
     ParamSpec("sim_node.publish_compressed", "bool", False, "Also publish JPEG frames on camera/image/compressed"),
     ParamSpec("sim_node.seed", "int", 0, "Seed of the object placement jitter", "", 0, 2**31 - 1),
     ParamSpec("sim_node.gripper_open_value", "double", 0.0, "gripper_command value meaning fully open", "",

@@ -113,8 +113,9 @@ SIM_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("sim.grasp_assist", "bool", False,
               "attach a cube to the hand while the gripper is commanded closed and both fingers touch it "
               "(simulation aid against slipping grasps; see docs/sim.md)"),
-    ParamSpec("sim.collision_visuals", "bool", False,
-              "render the Panda with its collision meshes (plain white; rendering 2-3x faster)"),
+    ParamSpec("sim.collision_visuals", "bool", True,
+              "render the Panda with its collision meshes (coarser, plain white; rendering 2-3x faster, which "
+              "keeps the camera at its rate on a laptop CPU); false: the detailed visual meshes"),
     *camera_param_specs("sim.camera_", "simulated camera"),
 )
 
