@@ -8,8 +8,8 @@ gripper command from the safety node. The demo sends the instruction, prints pro
 the terminate token (or a timeout), judges the episode from the simulator's ground truth
 (``/rt2_sim/objects``) and writes an episode folder: ``camera.gif`` (with a status band under
 the image), ``frame.png``, ``path.png`` (commanded vs executed end-effector path in the safety
-workspace box), ``summary.json`` and one log per node process. ``rt2-record`` can run alongside
-for an MCAP recording.
+workspace box), ``summary.json``, ``episode.mcap`` (``rt2-record``: open it in Foxglove, replay
+it with ``rt2-replay``) and one log per process.
 
 Why one process per node (measured on a 2-core machine, see docs/sim.md):
 
@@ -87,6 +87,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="object placement seed (default: params file)")
     p.add_argument("--ros-domain", type=int, default=87, help="ROS_DOMAIN_ID for the demo (default 87)")
     p.add_argument("--gif-fps", type=float, default=5.0, help="frames per second kept for camera.gif")
+    p.add_argument("--no-record", action="store_true", help="do not record episode.mcap (rt2-record)")
     return p.parse_args(argv)
 
 
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         "safety": [sys.executable, "-m", "rt2_ros.nodes.safety_node", "--ros-args", *params_args],
         "sim": [sys.executable, "-m", "rt2_ros.nodes.sim_node", "--ros-args", *params_args, *sim_overrides],
     }
+    if not args.no_record:  # the same recorder a real robot run uses; 2 camera frames/s keep the file small
+        commands["record"] = [sys.executable, "-m", "rt2_ros.nodes.record", "--out", str(run_dir / "episode.mcap"),
+                              "--image-rate", "2"]
     print(f"rt2-demo: starting the policy, safety and simulator nodes ({', '.join(p.name for p in params_paths)}); "
           f"ROS_DOMAIN_ID={args.ros_domain}, localhost only", flush=True)
     children: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -332,7 +336,8 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
         print(f"rt2-demo: {'SUCCESS' if success else 'FAILED'}: {verdict}; episode {end_reason} after "
               f"{wall:.1f} s, {summary['steps']} steps at {summary['control_rate_hz']:.1f} Hz, latency p50 "
               f"{summary['latency_ms']['p50']:.0f} ms / p95 {summary['latency_ms']['p95']:.0f} ms", flush=True)
-        print(f"rt2-demo: wrote {run_dir}/ (camera.gif, path.png, summary.json, policy/safety/sim.log)", flush=True)
+        recorded = "" if args.no_record else ", episode.mcap"
+        print(f"rt2-demo: wrote {run_dir}/ (camera.gif, path.png, summary.json{recorded}, *.log)", flush=True)
         return 0 if success else 1
     finally:
         executor.shutdown(timeout_sec=2.0)

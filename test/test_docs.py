@@ -19,3 +19,11 @@ def test_parameter_reference_is_current():
 def test_readme_starts_with_the_two_commands():
     head = "\n".join((REPO / "README.md").read_text().splitlines()[:30])
     assert "make demo" in head and "make test" in head
+
+
+def test_readme_safety_table_is_current():
+    from rt2_ros.params import markdown_table
+    from rt2_ros.safety import SAFETY_PARAMS
+
+    assert markdown_table(SAFETY_PARAMS) in (REPO / "README.md").read_text(), \
+        "README's safety parameter table is stale: paste markdown_table(SAFETY_PARAMS)"

@@ -1,8 +1,8 @@
 """``rt2-bringup``: start the rt2_ros nodes in one process, from the same YAML as the launch file.
 
 For machines without ``ros2 launch`` (ROS 2 from PyPI wheels has no launch/launch_ros): it
-builds the same nodes as ``launch/rt2.launch.py`` with the same params file, spins them on a
-multi-threaded executor and shuts down cleanly on Ctrl-C / SIGTERM. The params file is checked
+builds the same nodes as ``launch/rt2.launch.py`` with the same params file, spins them on one
+executor and shuts down cleanly on Ctrl-C / SIGTERM. The params file is checked
 with PyYAML first, so a broken file gets a message naming the file and line instead of rcl's
 parser error.
 """
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     from rt2_ros.nodes.common import close_nodes
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         ros_args += ["-r", r]
     rclpy.init(args=ros_args, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
     nodes = []
-    executor = MultiThreadedExecutor(num_threads=4)
+    # Single-threaded: backend calls already run on the policy node's own worker threads, and
+    # rclpy's MultiThreadedExecutor cost 2.7x the CPU for the same two nodes (docs/sim.md).
+    executor = SingleThreadedExecutor()
     signal.signal(signal.SIGTERM, lambda *_: executor.shutdown(timeout_sec=0))
     try:
         if not args.no_safety:
