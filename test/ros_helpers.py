@@ -104,6 +104,38 @@ class Probe:
         with self._cond:
             return [m for t, m in self.messages[key] if t >= t0]
 
+    def publish_fake_sensors(self, period_s: float = 0.05) -> Callable[[], None]:
+        """Play camera and arm driver: a black 64x64 image on /camera/image and a fixed pose on
+        /ee_pose every ``period_s``; returns a function that stops publishing (the timer and both
+        publishers are destroyed), for tests that hand these topics to another node afterwards."""
+        import numpy as np
+        from geometry_msgs.msg import PoseStamped
+        from sensor_msgs.msg import Image
+
+        from rt2_ros.nodes.common import rgb_to_image_msg
+
+        image_pub = self.node.create_publisher(Image, "/camera/image", 10)
+        pose_pub = self.node.create_publisher(PoseStamped, "/ee_pose", 10)
+        frame = np.zeros((64, 64, 3), dtype=np.uint8)
+
+        def publish() -> None:
+            now = self.node.get_clock().now().to_msg()
+            image_pub.publish(rgb_to_image_msg(frame, now, "camera"))
+            pose = PoseStamped()
+            pose.header.stamp, pose.header.frame_id = now, "panda_link0"
+            pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
+            pose.pose.orientation.w = 1.0
+            pose_pub.publish(pose)
+
+        timer = self.node.create_timer(period_s, publish)
+
+        def stop_publishing() -> None:
+            self.node.destroy_timer(timer)
+            self.node.destroy_publisher(image_pub)
+            self.node.destroy_publisher(pose_pub)
+
+        return stop_publishing
+
     def close(self) -> None:
         self._running = False
         self._thread.join(2.0)

@@ -78,7 +78,7 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS, rgb_to_image_msg  # noqa: E402
+from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
 from test.ros_helpers import Probe, isolate_ros_domain, write_params  # noqa: E402
 
@@ -175,24 +175,9 @@ def operator(probe):
 @pytest.fixture
 def sensors(probe):
     """The probe plays camera and arm driver (tests without the simulated arm)."""
-    image_pub = probe.node.create_publisher(Image, "/camera/image", 10)
-    pose_pub = probe.node.create_publisher(PoseStamped, "/ee_pose", 10)
-    frame = np.zeros((64, 64, 3), dtype=np.uint8)
-
-    def publish() -> None:
-        now = probe.node.get_clock().now().to_msg()
-        image_pub.publish(rgb_to_image_msg(frame, now, "camera"))
-        pose = PoseStamped()
-        pose.header.stamp, pose.header.frame_id = now, "panda_link0"
-        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
-        pose.pose.orientation.w = 1.0
-        pose_pub.publish(pose)
-
-    timer = probe.node.create_timer(0.05, publish)
+    stop_publishing = probe.publish_fake_sensors()
     yield
-    probe.node.destroy_timer(timer)
-    probe.node.destroy_publisher(image_pub)
-    probe.node.destroy_publisher(pose_pub)
+    stop_publishing()
 
 
 def scripted_params(tmp_path: Path, answers: list[str], repeat: bool = False) -> Path:

@@ -19,12 +19,11 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from geometry_msgs.msg import TwistStamped  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS, rgb_to_image_msg  # noqa: E402
+from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
 from test.ros_helpers import REPO, Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
 
@@ -41,21 +40,7 @@ def probe():
     p.record(ArmAction, "/arm_action", ACTION_QOS, "action")
     p.record(SafetyStatus, "/rt2_safety/status", LATCHED_QOS, "status")
     p.record(ActionTokens, "/rt2_policy/action_tokens", 10, "tokens")
-    # The probe is the camera and the arm driver.
-    image_pub = p.node.create_publisher(Image, "/camera/image", 10)
-    pose_pub = p.node.create_publisher(PoseStamped, "/ee_pose", 10)
-    frame = np.zeros((64, 64, 3), dtype=np.uint8)
-
-    def publish_sensors() -> None:
-        now = p.node.get_clock().now().to_msg()
-        image_pub.publish(rgb_to_image_msg(frame, now, "camera"))
-        pose = PoseStamped()
-        pose.header.stamp, pose.header.frame_id = now, "panda_link0"
-        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
-        pose.pose.orientation.w = 1.0
-        pose_pub.publish(pose)
-
-    p.node.create_timer(0.05, publish_sensors)
+    p.publish_fake_sensors()  # the probe is the camera and the arm driver
     p.instruction_pub = p.node.create_publisher(String, "/instruction", LATCHED_QOS)
     yield p
     p.close()

@@ -113,3 +113,23 @@ def load_secret(env_name: str, file_path: str, prefix: str) -> str:
             _log.warning("%sapi_key_file %s is readable by other users; chmod 600 it", prefix, file_path)
         return value
     return ""
+
+
+def credential_specs(prefix: str, *, key_use: str, scheme: str, secret: str = "API key") -> tuple[ParamSpec, ...]:
+    """The ``api_key_env`` / ``api_key_file`` / ``ca_cert_file`` options of a network backend.
+
+    Declared once here so the three clients cannot drift apart in names, types or defaults;
+    ``key_use`` says what the secret is and how it is sent (e.g. "the API key sent as
+    'Authorization: Api-Key KEY'"), ``scheme`` which TLS URL scheme the CA file verifies ("https"
+    or "wss"), ``secret`` the short noun for the key ("API key", "bearer token"). Read them with
+    :func:`load_secret`.
+    """
+    return (
+        ParamSpec(prefix + "api_key_env", "string", "",
+                  f"Name of an environment variable holding {key_use}; empty with an empty api_key_file = "
+                  "no key (a server without auth)."),
+        ParamSpec(prefix + "api_key_file", "string", "",
+                  f"Path of a file holding that {secret} (alternative to api_key_env; chmod 600)."),
+        ParamSpec(prefix + "ca_cert_file", "string", "",
+                  f"PEM CA bundle to verify {scheme}:// servers with a private CA; empty = system CAs."),
+    )

@@ -36,6 +36,7 @@ from rt2_ros.backends.base import (
     BackendConfigError,
     BackendError,
     BackendTimeout,
+    credential_specs,
     describe_exception,
     load_secret,
     resolve_options,
@@ -62,13 +63,8 @@ class OpenAICompatBackend(Backend):
                   "Base URL of the OpenAI-compatible API, including /v1 (e.g. vLLM: http://host:8000/v1)."),
         ParamSpec(_P + "model", "string", "",
                   "Served model name, as listed by GET {base_url}/models (vLLM --served-model-name). Required."),
-        ParamSpec(_P + "api_key_env", "string", "",
-                  "Name of the environment variable holding the API key (e.g. VLLM_API_KEY); empty with an empty "
-                  "api_key_file = server without auth."),
-        ParamSpec(_P + "api_key_file", "string", "",
-                  "Path of a file holding the API key (alternative to api_key_env; chmod 600)."),
-        ParamSpec(_P + "ca_cert_file", "string", "",
-                  "PEM CA bundle to verify an https:// server with a private CA; empty = system CAs."),
+        *credential_specs(_P, key_use="the API key sent as 'Authorization: Bearer KEY' (e.g. VLLM_API_KEY, "
+                          "vLLM --api-key)", scheme="https"),
         ParamSpec(_P + "connect_timeout_s", "double", 2.0,
                   "TCP/TLS connect timeout (the whole request is bounded by the policy node's budget).",
                   "s", low=0.01, high=60.0),

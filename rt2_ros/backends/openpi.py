@@ -42,6 +42,7 @@ from rt2_ros.backends.base import (
     BackendConfigError,
     BackendError,
     BackendTimeout,
+    credential_specs,
     describe_exception,
     load_secret,
     resolve_options,
@@ -78,13 +79,8 @@ class OpenPIBackend(Backend):
     OPTIONS: tuple[ParamSpec, ...] = (
         ParamSpec(_P + "url", "string", "ws://127.0.0.1:8000",
                   "openpi policy server URL (ws:// or wss://), e.g. ws://gpu-host:8000."),
-        ParamSpec(_P + "api_key_env", "string", "",
-                  "Name of an environment variable holding the API key sent as 'Authorization: Api-Key KEY'; "
-                  "empty = no key."),
-        ParamSpec(_P + "api_key_file", "string", "",
-                  "Path of a file holding that API key (alternative to api_key_env; chmod 600)."),
-        ParamSpec(_P + "ca_cert_file", "string", "",
-                  "PEM CA bundle to verify a wss:// server with a private CA; empty = system CAs."),
+        *credential_specs(_P, key_use="the API key sent as 'Authorization: Api-Key KEY' on the handshake",
+                          scheme="wss"),
         ParamSpec(_P + "connect_timeout_s", "double", 5.0,
                   "Limit for the websocket handshake plus the server's metadata frame (also capped by the "
                   "request budget).", "s", low=0.01, high=120.0),

@@ -35,6 +35,7 @@ from rt2_ros.backends.base import (
     BackendConfigError,
     BackendError,
     BackendTimeout,
+    credential_specs,
     describe_exception,
     load_secret,
     resolve_options,
@@ -70,13 +71,8 @@ class OpenVLAHttpBackend(Backend):
         ParamSpec(_P + "connect_timeout_s", "double", 2.0,
                   "TCP/TLS connect timeout; the read timeout is the per-request budget given by the policy node.",
                   "s", low=0.01, high=60.0),
-        ParamSpec(_P + "api_key_env", "string", "",
-                  "Name of an environment variable holding a bearer token for a reverse proxy in front of "
-                  "deploy.py (sent as 'Authorization: Bearer TOKEN'); empty = no auth header."),
-        ParamSpec(_P + "api_key_file", "string", "",
-                  "Path of a file holding that bearer token (alternative to api_key_env; chmod 600)."),
-        ParamSpec(_P + "ca_cert_file", "string", "",
-                  "PEM CA bundle to verify an https:// server with a private CA; empty = system CAs."),
+        *credential_specs(_P, key_use="a bearer token for a reverse proxy in front of deploy.py (sent as "
+                          "'Authorization: Bearer TOKEN')", scheme="https", secret="bearer token"),
     )
 
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
