@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     # Single-threaded: backend calls already run on the policy node's own worker threads, and
     # rclpy's MultiThreadedExecutor cost 2.7x the CPU for the same two nodes (docs/sim.md).
     executor = SingleThreadedExecutor()
-    signal.signal(signal.SIGTERM, lambda *_: executor.shutdown(timeout_sec=0))
+    # SIGINT/SIGTERM only set a flag that the spin loop checks: raising from a handler can land
+    # inside rclpy's C code, and shutting the executor down from one breaks its guard condition.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         if not args.no_safety:
             from rt2_ros.nodes.safety_node import SafetyNode
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             executor.add_node(n)
         names = ", ".join(n.get_name() for n in nodes)
         print(f"rt2-bringup: running {names} with {', '.join(map(str, params_paths))} (Ctrl-C stops)", flush=True)
-        executor.spin()
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except ConfigError as exc:
         print(f"rt2-bringup: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         # Stop callbacks first, then let each node leave a safe state (the safety node sends a
-        # last zero twist), then destroy.
+        # last zero twist), then destroy; a second Ctrl-C must not interrupt that.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         executor.shutdown(timeout_sec=2.0)
         close_nodes(reversed(nodes))
         rclpy.try_shutdown()
