@@ -10,9 +10,7 @@ parser error.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -87,29 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rt2-bringup: bad remap {r!r}; expected FROM:=TO", file=sys.stderr)
             return 2
 
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from rt2_ros.nodes.common import close_nodes
-    from rt2_ros.params import ConfigError
+    from rt2_ros.nodes.common import run_nodes
 
     ros_args = ["--ros-args"]
     for path in params_paths:
         ros_args += ["--params-file", str(path)]
     for r in args.remap:
         ros_args += ["-r", r]
-    rclpy.init(args=ros_args, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
-    nodes = []
-    # Single-threaded: backend calls already run on the policy node's own worker threads, and
-    # rclpy's MultiThreadedExecutor cost 2.7x the CPU for the same two nodes (docs/sim.md).
-    executor = SingleThreadedExecutor()
-    # SIGINT/SIGTERM only set a flag that the spin loop checks: raising from a handler can land
-    # inside rclpy's C code, and shutting the executor down from one breaks its guard condition.
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
+
+    def build(nodes: list) -> None:
         if not args.no_safety:
             from rt2_ros.nodes.safety_node import SafetyNode
             nodes.append(SafetyNode())
@@ -120,27 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             from rt2_ros.nodes.policy_node import PolicyNode
             overrides = [Parameter("backend.type", value=args.backend)] if args.backend else []
             nodes.append(PolicyNode(parameter_overrides=overrides))
-        for n in nodes:
-            executor.add_node(n)
+
+    def ready(nodes: list) -> None:
         names = ", ".join(n.get_name() for n in nodes)
         print(f"rt2-bringup: running {names} with {', '.join(map(str, params_paths))} (Ctrl-C stops)", flush=True)
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.1)
-    except ConfigError as exc:
-        print(f"rt2-bringup: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        # Stop callbacks first, then let each node leave a safe state (the safety node sends a
-        # last zero twist), then destroy; a second Ctrl-C must not interrupt that.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
-        executor.shutdown(timeout_sec=2.0)
-        close_nodes(reversed(nodes))
-        rclpy.try_shutdown()
-    return 0
 
+    return run_nodes(build, ros_args, name="rt2-bringup:", on_ready=ready)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -91,14 +91,21 @@ def reject_unknown_overrides(node: Node, allow_prefixes: tuple[str, ...] = ()) -
 
 
 def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
-    """The standard rclpy main: init, build, spin, clean shutdown; ConfigError -> exit 2.
+    """The standard rclpy main for one node: init, build, spin, clean shutdown; ConfigError -> exit 2."""
+    return run_nodes(lambda nodes: nodes.append(factory()), args)
+
+
+def run_nodes(build: Callable[[list[Node]], None], args: list[str] | None = None, *, name: str = "[rt2_ros]",
+              on_ready: Callable[[list[Node]], None] | None = None) -> int:
+    """Init rclpy, let ``build`` append nodes, spin them on one executor until SIGINT/SIGTERM.
 
     Our signal handlers, not rclpy's: rclpy's shut the context down on SIGINT before ``close()``
     runs, so the safety node could not send its last zero twist (and exited 1 under ros2 launch).
     SIGINT (Ctrl-C, ros2 launch) and SIGTERM abort the start-up, or once spinning set a flag the
     spin loop checks every 0.1 s: an exception raised from a handler while spinning can land
-    inside rclpy's C++ message conversion and crash the node. While the node closes, further
+    inside rclpy's C++ message conversion and crash the node. While the nodes close, further
     signals are ignored: a terminal's Ctrl-C reaches a launched node twice (terminal, ros2 launch).
+    Nodes built before a failure are closed too. Returns 0, or 2 on a ConfigError.
     """
     stop = threading.Event()
     spinning = False
@@ -111,26 +118,30 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
+    nodes: list[Node] = []
+    # Single-threaded: backend calls already run on the policy node's own worker threads, and
+    # rclpy's MultiThreadedExecutor cost 2.7x the CPU for the same nodes (docs/sim.md).
     executor = SingleThreadedExecutor()
     try:
-        node = factory()
-        executor.add_node(node)
+        build(nodes)
+        for node in nodes:
+            executor.add_node(node)
+        if on_ready is not None:
+            on_ready(nodes)
         spinning = True
         while not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
     except ConfigError as exc:
-        print(f"[rt2_ros] configuration error: {exc}", file=sys.stderr)
+        print(f"{name} configuration error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if node is not None:
-            executor.remove_node(node)
-            close_nodes([node])
-        executor.shutdown(timeout_sec=1.0)
+        # Stop callbacks first, then let each node leave a safe state, then destroy.
+        executor.shutdown(timeout_sec=2.0)
+        close_nodes(reversed(nodes))
         rclpy.try_shutdown()
     return 0
 
