@@ -22,8 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def isolate_ros_domain() -> int:
-    """Pick a domain id from the pid (0..101 valid for FastDDS) and keep discovery on localhost."""
-    domain = 1 + os.getpid() % 100
+    """Pick a domain id from the pid (0..101 valid for FastDDS) and keep discovery on localhost.
+
+    ``RT2_TEST_ROS_DOMAIN`` pins it instead: concurrent test runs on one machine (several checkouts)
+    then cannot meet by a pid collision.
+    """
+    pinned = os.environ.get("RT2_TEST_ROS_DOMAIN", "")
+    domain = int(pinned) if pinned else 1 + os.getpid() % 100
     os.environ["ROS_DOMAIN_ID"] = str(domain)
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     return domain

@@ -29,7 +29,8 @@ DEMO_DOMAIN = 87  # rt2-demo's default: a demo someone runs by hand may be using
 def _private_domain() -> int:
     # Offset from test.ros_helpers.isolate_ros_domain (1 + pid % 100), so probe nodes that another
     # test module of this pytest run left on that domain can never feed this episode.
-    domain = 1 + (os.getpid() + 50) % 100
+    pinned = os.environ.get("RT2_TEST_ROS_DOMAIN", "")
+    domain = (int(pinned) + 1) % 100 if pinned else 1 + (os.getpid() + 50) % 100
     return domain + 1 if domain == DEMO_DOMAIN else domain
 
 
