@@ -28,7 +28,8 @@ $(STAMPS)/requirements: requirements.txt $(STAMPS)/venv
 
 # Custom messages, built for real with rosidl/cmake into the venv (the venv root is the ROS prefix).
 $(STAMPS)/interfaces: $(STAMPS)/requirements tools/build_interfaces.sh tools/fix_rosidl_exports.py \
-		rt2_ros_interfaces/CMakeLists.txt rt2_ros_interfaces/package.xml $(wildcard rt2_ros_interfaces/msg/*.msg)
+		rt2_ros_interfaces/CMakeLists.txt rt2_ros_interfaces/package.xml $(wildcard rt2_ros_interfaces/msg/*.msg) \
+		$(wildcard rt2_ros_interfaces/action/*.action)
 	tools/build_interfaces.sh $(VENV)
 	@touch $@
 

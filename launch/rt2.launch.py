@@ -4,15 +4,17 @@ The same nodes and YAML as ``rt2-bringup`` (which pip-only machines use instead)
 per node. Arguments (``--show-args`` lists them): ``params_file``; ``extra_params_file``, layered
 on top of it (its values win) like a second ``rt2-bringup --params``, e.g. the installed
 ``share/rt2_ros/config/backends/grpc.yaml``; ``backend``, which overrides ``backend.type`` of the
-policy node; ``sim:=true`` to add the simulated arm. Topic names are relative (``camera/image``,
-``instruction``, ``ee_pose``, ``arm_action``, ``servo_node/delta_twist_cmds``, ``gripper_command``
-...): remap them by including this file from your own launch file inside a ``GroupAction`` with
-launch_ros ``SetRemap`` / ``PushRosNamespace``, see the README.
+policy node; ``sim:=true`` to add the simulated arm; ``autostart:=false`` to leave the managed
+(lifecycle) nodes rt2_safety and rt2_policy unconfigured for a lifecycle manager or
+``ros2 lifecycle set`` (by default each node configures and activates itself). Topic names are
+relative (``camera/image``, ``instruction``, ``episode``, ``ee_pose``, ``arm_action``,
+``servo_node/delta_twist_cmds``, ``gripper_command`` ...): remap them by including this file
+from your own launch file inside a ``GroupAction`` with launch_ros ``SetRemap`` / ``PushRosNamespace``, see the README.
 
 Checked before any node starts, because a node that quietly runs on defaults is the worst
 failure on a robot: a missing params file (launch_ros only warns, and the nodes would start with
 the default workspace and speed limits), one that is not valid YAML or names an unknown node,
-and a ``sim`` value other than true/false are errors that name the argument. The nodes are
+and a ``sim`` or ``autostart`` value other than true/false are errors that name the argument. The nodes are
 required: when one exits (a configuration error names the key, exit code 2) the launch shuts
 the others down instead of leaving a half-started system that looks alive.
 """
@@ -51,12 +53,12 @@ def _params_files(context) -> list[str]:
     return files
 
 
-def _sim_enabled(context) -> bool:
-    value = LaunchConfiguration("sim").perform(context)
+def _flag(context, name: str) -> bool:
+    value = LaunchConfiguration(name).perform(context)
     try:
         return _BOOLEANS[value.strip().lower()]
     except KeyError:
-        raise LaunchArgumentError(f"sim:={value!r}: expected true or false") from None
+        raise LaunchArgumentError(f"{name}:={value!r}: expected true or false") from None
 
 
 def _required_node(name: str, executable: str, parameters: list) -> Node:
@@ -68,11 +70,12 @@ def _required_node(name: str, executable: str, parameters: list) -> Node:
 def _nodes(context, *args, **kwargs):
     params = _params_files(context)
     backend = LaunchConfiguration("backend").perform(context)
+    managed = [*params, {"autostart": _flag(context, "autostart")}]
     nodes = [
-        _required_node("rt2_safety", "safety_node", params),
-        _required_node("rt2_policy", "policy_node", params + ([{"backend.type": backend}] if backend else [])),
+        _required_node("rt2_safety", "safety_node", managed),
+        _required_node("rt2_policy", "policy_node", managed + ([{"backend.type": backend}] if backend else [])),
     ]
-    if _sim_enabled(context):
+    if _flag(context, "sim"):
         nodes.append(_required_node("rt2_sim", "sim_node", params))
     return nodes
 
@@ -90,5 +93,7 @@ def generate_launch_description():
                                           "openai, scripted); empty keeps the params files' choice"),
         DeclareLaunchArgument("sim", default_value="false",
                               description="also start the simulated tabletop arm (pybullet): true or false"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="configure and activate the managed nodes at start-up: true or false"),
         OpaqueFunction(function=_nodes),
     ])

@@ -4,8 +4,10 @@ What runs, as on a robot started with ``ros2 launch`` (launch/rt2.launch.py): on
 node, talking over DDS — the policy node, the safety node and the simulator node (``rt2_sim``:
 arm driver and camera) — plus this process, which only watches (a monitor node). Camera and
 ee_pose come from the simulator, arm actions from the policy, MoveIt Servo twists and the
-gripper command from the safety node. The demo sends the instruction, prints progress, stops on
-the terminate token (or a timeout), judges the episode from the simulator's ground truth
+gripper command from the safety node. The demo sends the instruction as an ExecuteInstruction
+goal (``/rt2_policy/execute_instruction``, as ``rt2-say --wait`` does), prints progress, and the
+goal's result ends the episode (the terminate token, or the time limit ``--timeout``); it
+judges the episode from the simulator's ground truth
 (``/rt2_sim/objects``) and writes an episode folder: ``camera.gif`` (with a status band under
 the image), ``frame.png``, ``path.png`` (commanded vs executed end-effector path in the safety
 workspace box), ``summary.json``, ``episode.mcap`` (``rt2-record``: open it in Foxglove, replay
@@ -47,6 +49,8 @@ import numpy as np
 DEFAULT_INSTRUCTION = "pick up the red cube and put it in the tray"
 SETTLE_S = 1.5  # after the episode, let a released cube come to rest before judging
 STARTUP_TIMEOUT_S = 60.0
+# rt2-record prints this once it stored the parameters of every node it asks (rt2_policy, rt2_safety).
+RECORDER_PARAMS_STORED = "rt2-record: stored the parameters of"
 GIF_MAX_FRAMES = 400  # at 5 fps: 80 s of episode; later frames are thinned to keep camera.gif small
 BAND_HEIGHT_PX = 58  # the status band under the camera image in camera.gif
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -110,15 +114,16 @@ def _task_success(objects: dict[str, ObjectState], instruction: str) -> tuple[bo
     return ok, f"{name} centre at z={z:.3f} m ({'lifted' if ok else 'not lifted'})"
 
 
-def _merged_params(params_paths: list[Path]) -> dict[str, dict[str, Any]]:
-    """{node: flat params} of the layered files, later files winning (as rcl applies them)."""
-    from rt2_ros.nodes.bringup import load_params_file
+def _node_params(args: argparse.Namespace, params_paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Each node's parameters as it will run with them, checked as the nodes check them (rt2-bringup
+    --check: a bad file fails here, not in three child logs); ``args.seed`` becomes the simulator's
+    seed when not given (summary.json reports the seed that ran, 0 included)."""
+    from rt2_ros.nodes.bringup import check_params
 
-    merged: dict[str, dict[str, Any]] = {}
-    for path in params_paths:
-        for node, flat in load_params_file(path).items():
-            merged.setdefault(node, {}).update(flat)
-    return merged
+    nodes = check_params(params_paths, backend=args.backend, nodes=("rt2_policy", "rt2_safety", "rt2_sim")).nodes
+    if args.seed is None:
+        args.seed = nodes["rt2_sim"]["sim_node.seed"]
+    return nodes
 
 
 def _child_env() -> dict[str, str]:
@@ -146,12 +151,13 @@ def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 5.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     from rt2_ros.nodes.bringup import ParamsFileError, default_params_file
+    from rt2_ros.params import ConfigError
 
     started = time.monotonic()
     params_paths = [Path(p) for p in args.params] or [default_params_file()]
     try:
-        node_params = _merged_params(params_paths)
-    except ParamsFileError as exc:
+        node_params = _node_params(args, params_paths)
+    except (ParamsFileError, ConfigError) as exc:
         print(f"rt2-demo: {exc}", file=sys.stderr)
         return 2
 
@@ -191,13 +197,15 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
                  children: dict[str, tuple[subprocess.Popen, Path]], started: float) -> int:
     import rclpy
     from geometry_msgs.msg import PoseStamped
+    from rclpy.action import ActionClient
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image
-    from std_msgs.msg import String
     from visualization_msgs.msg import MarkerArray
 
-    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS
+    from rt2_ros.episode import NO_EPISODE, short_id
+    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, uuid_bytes
+    from rt2_ros_interfaces.action import ExecuteInstruction
     from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus
 
     rclpy.init(args=[])
@@ -228,14 +236,23 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
         with lock:
             log.objects = (time.monotonic(), objects)
 
-    monitor.create_subscription(SafetyStatus, "/rt2_safety/status", rec("statuses"), LATCHED_QOS)
+    # Latched like the publisher, but deeper: the TERMINATED status of the episode and the IDLE
+    # one that follows when the policy ends it arrive back to back, and both are kept.
+    status_qos = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    monitor.create_subscription(SafetyStatus, "/rt2_safety/status", rec("statuses"), status_qos)
     monitor.create_subscription(ActionTokens, "/rt2_policy/action_tokens", rec("tokens"), 50)
     monitor.create_subscription(ArmAction, "/arm_action", rec("actions"), ACTION_QOS)
     monitor.create_subscription(PoseStamped, "/target_pose", rec_pose("targets"), COMMAND_QOS)
     monitor.create_subscription(PoseStamped, "/ee_pose", rec_pose("executed"), qos_profile_sensor_data)
     monitor.create_subscription(Image, "/camera/image", on_camera, qos_profile_sensor_data, raw=True)
     monitor.create_subscription(MarkerArray, "/rt2_sim/objects", on_objects, 10)
-    instruction_pub = monitor.create_publisher(String, "/instruction", LATCHED_QOS)
+    client = ActionClient(monitor, ExecuteInstruction, "/rt2_policy/execute_instruction")
+    feedback: dict[str, Any] = {}  # the latest ExecuteInstruction feedback
+
+    def on_feedback(msg) -> None:
+        with lock:
+            feedback["last"] = msg.feedback
 
     # The monitor's callbacks are list appends: one thread is plenty (no executor thread pool).
     executor = SingleThreadedExecutor()
@@ -246,6 +263,30 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
     def latest_status():
         with lock:
             return log.statuses[-1][1] if log.statuses else None
+
+    def episode_status(episode_id: bytes):
+        """The safety node's last status naming the episode (its state when the episode ended)."""
+        with lock:
+            named = [m for _, m in log.statuses if uuid_bytes(m.episode_id) == episode_id]
+        return named[-1] if named else None
+
+    def subscribed(topic: str, node_name: str) -> bool:
+        return any(i.node_name == node_name for i in monitor.get_subscriptions_info_by_topic(topic))
+
+    def params_recorded() -> bool:
+        # rt2-record stored both nodes' parameters: the recording says what produced it.
+        return "record" not in children or RECORDER_PARAMS_STORED in children["record"][1].read_text()
+
+    def ready() -> bool:
+        # The safety node is active (its latched status says so) and follows the episodes; the
+        # policy node is configured (it follows the status) and serves goals (it autostarts to
+        # active before it spins, so a goal never meets an inactive node); camera frames, poses and
+        # ground truth flow to every node that needs them; the recorder holds the nodes' parameters.
+        s = latest_status()
+        return (s is not None and s.state != SafetyStatus.INACTIVE and client.server_is_ready() and params_recorded()
+                and subscribed("/episode", "rt2_safety") and subscribed("/rt2_safety/status", "rt2_policy")
+                and log.camera is not None and log.objects is not None and bool(log.executed)
+                and monitor.count_subscribers("/ee_pose") >= 3 and monitor.count_subscribers("/camera/image") >= 2)
 
     def exited() -> str:
         for name, (proc, log_path) in children.items():
@@ -264,35 +305,45 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
 
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        # Ready: the safety node's latched status is here, policy and safety listen for the
-        # instruction, and camera frames, poses and ground truth flow to every node that needs them.
-        while not (latest_status() is not None and instruction_pub.get_subscription_count() >= 2
-                   and log.camera is not None and log.objects is not None and log.executed
-                   and monitor.count_subscribers("/ee_pose") >= 3 and monitor.count_subscribers("/camera/image") >= 2):
+        while not ready():
             problem = exited()
             if problem:
                 print(f"rt2-demo: {problem}", file=sys.stderr)
                 return 2
             if time.monotonic() > deadline:
-                print(f"rt2-demo: the nodes did not come up within {STARTUP_TIMEOUT_S:.0f} s; see "
+                what = "rt2-record did not store the nodes' parameters" if latest_status() is not None \
+                    and not params_recorded() else "the nodes did not come up"
+                print(f"rt2-demo: {what} within {STARTUP_TIMEOUT_S:.0f} s; see "
                       f"{', '.join(str(p) for _, p in children.values())}", file=sys.stderr)
                 return 2
             time.sleep(0.05)
         time.sleep(0.3)  # discovery is two-way: let the nodes' subscriptions see the publishers too
         log.t0 = time.monotonic()
-        instruction_pub.publish(String(data=args.instruction))
+        # The node's time limit ends the episode (result TIME_LIMIT); the demo waits a little longer.
+        goal = ExecuteInstruction.Goal(instruction=args.instruction, time_limit_s=float(args.timeout))
+        send = client.send_goal_async(goal, feedback_callback=on_feedback)
+        while not send.done() and time.monotonic() - log.t0 < 10.0:
+            time.sleep(0.02)
+        handle = send.result() if send.done() else None
+        if handle is None or not handle.accepted:
+            print(f"rt2-demo: the policy node {'rejected' if handle is not None else 'did not answer'} the goal; "
+                  f"see {children['policy'][1]}", file=sys.stderr)
+            return 2
+        result_future = handle.get_result_async()
         print(f"rt2-demo: instruction {args.instruction!r} (nodes up after {log.t0 - started:.1f} s)", flush=True)
 
-        end_reason = "timeout"
+        end_reason, result, fb = "timeout", None, None
         next_print = next_frame = log.t0
-        while time.monotonic() - log.t0 < args.timeout:
+        while time.monotonic() - log.t0 < args.timeout + 5.0:
             now = time.monotonic()
             s = latest_status()
             with lock:
                 n_actions = len(log.actions)
                 last_tokens = log.tokens[-1][1] if log.tokens else None
+                fb = feedback.get("last")
             status = {"t": f"{now - log.t0:5.1f} s", "step": f"{n_actions}",
-                      "phase": last_tokens.plan if last_tokens is not None and last_tokens.plan else "-",
+                      "phase": last_tokens.plan if last_tokens is not None and last_tokens.plan else
+                      fb.phase if fb is not None else "-",
                       "latency": f"{last_tokens.latency_s * 1000:.0f} ms" if last_tokens else "-",
                       "safety": s.state_name if s else "?"}
             if now >= next_frame:
@@ -302,19 +353,20 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
                 print(f"t={status['t']} step={n_actions:4d} phase={status['phase'][:40]:40s} "
                       f"latency={status['latency']:>7s} safety={status['safety']}", flush=True)
                 next_print += 1.0
-            if s is not None and s.episode_id >= 1 and s.instruction == args.instruction.strip():
-                if s.state == SafetyStatus.TERMINATED:
-                    end_reason = "terminated"
-                    break
-                if s.state == SafetyStatus.ESTOPPED:
-                    end_reason = "estopped"
-                    break
+            if result_future.done():
+                result = result_future.result().result
+                end_reason = result.outcome_name.lower() or "ended"
+                if result.message and result.outcome != ExecuteInstruction.Result.TERMINATED:
+                    print(f"rt2-demo: episode {end_reason}: {result.message}", file=sys.stderr)
+                break
             problem = exited()
             if problem:
                 end_reason = problem.splitlines()[0]
                 print(f"rt2-demo: {problem}", file=sys.stderr)
                 break
             time.sleep(0.02)
+        if result is None and not exited():
+            handle.cancel_goal_async()  # the arm holds; the nodes stop right after the report anyway
         wall = time.monotonic() - log.t0
         settle_end = time.monotonic() + SETTLE_S
         while time.monotonic() < settle_end:
@@ -329,11 +381,17 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
         else:
             success, verdict = _task_success(objects, args.instruction)
         success = success and end_reason == "terminated"
-        summary = _summary(log, args, params_paths, wall, end_reason, success, verdict, latest_status())
+        episode_id = uuid_bytes(result.episode_id) if result is not None else \
+            uuid_bytes(fb.episode_id) if fb is not None else NO_EPISODE
+        summary = _summary(log, args, params_paths, wall, end_reason, success, verdict,
+                           episode_status(episode_id) or latest_status())
+        summary["episode_id"] = short_id(episode_id)
+        summary["outcome_message"] = result.message if result is not None else ""
         _write_outputs(run_dir, log, objects, _workspace(node_params))
         summary["total_wall_time_s"] = round(time.monotonic() - started, 2)  # start-up to outputs written
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"rt2-demo: {'SUCCESS' if success else 'FAILED'}: {verdict}; episode {end_reason} after "
+        print(f"rt2-demo: {'SUCCESS' if success else 'FAILED'}: {verdict}; episode {summary['episode_id']} "
+              f"{end_reason} after "
               f"{wall:.1f} s, {summary['steps']} steps at {summary['control_rate_hz']:.1f} Hz, latency p50 "
               f"{summary['latency_ms']['p50']:.0f} ms / p95 {summary['latency_ms']['p95']:.0f} ms", flush=True)
         recorded = "" if args.no_record else ", episode.mcap"
@@ -359,14 +417,9 @@ def _fresh_objects(log: EpisodeLog, lock: threading.Lock, after: float, timeout_
 
 
 def _workspace(node_params: dict[str, dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """The safety workspace box the safety node runs with (params files over the code defaults)."""
-    from rt2_ros.params import resolve
-    from rt2_ros.safety import SAFETY_PARAMS
-
-    names = ("safety.workspace_min", "safety.workspace_max")
-    given = {k: v for k, v in node_params.get("rt2_safety", {}).items() if k in names}
-    resolved = resolve([s for s in SAFETY_PARAMS if s.name in names], given)
-    return resolved[names[0]], resolved[names[1]]
+    """The safety workspace box the safety node runs with (checked params: files over the code defaults)."""
+    safety = node_params["rt2_safety"]
+    return safety["safety.workspace_min"], safety["safety.workspace_max"]
 
 
 def _decode_image(data: bytes) -> np.ndarray:
@@ -427,10 +480,13 @@ def _summary(log: EpisodeLog, args, params_paths: list[Path], wall: float, end_r
         "action_interval_ms": {k: round(v, 1) for k, v in _percentiles(intervals).items()},
         "replies": len(log.tokens),
         "latency_ms": {k: round(v, 1) for k, v in _percentiles(latencies).items()},
+        # The safety node's last status naming the episode: its state when the episode ended
+        # (afterwards the node is IDLE again), counters since the node started.
         "safety": None if status is None else {
             "final_state": status.state_name, "actions_accepted": status.actions_accepted,
             "actions_clipped": status.actions_clipped, "actions_rejected": status.actions_rejected,
-            "watchdog_trips": status.watchdog_trips, "estops": status.estops},
+            "watchdog_trips": status.watchdog_trips, "estops": status.estops, "faults": status.faults,
+            "dropped": dict(zip(status.drop_causes, (int(n) for n in status.drop_counts), strict=False))},
         "params_files": [str(p) for p in params_paths],
         "backend": log.tokens[-1][1].backend if log.tokens else None,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -484,6 +540,16 @@ def _write_gif(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 def _plot_paths(path: Path, log: EpisodeLog, objects: dict[str, ObjectState],
                 workspace: tuple[list[float], list[float]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _path_figure(log, objects, workspace)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _path_figure(log: EpisodeLog, objects: dict[str, ObjectState], workspace: tuple[list[float], list[float]]):
+    """path.png: top and side view of the commanded and executed end-effector path in the workspace box,
+    the final object positions as markers named in a legend under both views."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,22 +567,26 @@ def _plot_paths(path: Path, log: EpisodeLog, objects: dict[str, ObjectState],
             ax.plot(exe[:, i], exe[:, j], "-", color="tab:blue", lw=2, label="executed (measured ee_pose)")
         if len(tgt):
             ax.plot(tgt[:, i], tgt[:, j], "--", color="tab:orange", lw=1.2, label="commanded (safe target_pose)")
+        # Objects are named in the legend, not by text next to them: cubes in or next to the tray sit
+        # within a centimetre of each other (and at one height in the side view), so labels collided.
         for name_obj, state in sorted(objects.items()):
             pos = state.position
             color = {"red": "red", "green": "green", "blue": "blue", "yellow": "gold"}.get(name_obj.split("_")[0],
                                                                                           "purple")
-            ax.plot(pos[i], pos[j], "s", ms=7, color=color)
-            ax.annotate(name_obj, (pos[i], pos[j]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            tray = not name_obj.endswith("_cube")
+            ax.plot(pos[i], pos[j], "D" if tray else "s", ms=11 if tray else 7, color=color,
+                    mfc="none" if tray else color, mew=2 if tray else 1, label=name_obj.replace("_", " "),
+                    zorder=2 if tray else 3)
         ax.set_xlabel("xyz"[i] + " [m]")
         ax.set_ylabel("xyz"[j] + " [m]")
         ax.set_title(name)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=7)
-    fig.suptitle("rt2-demo: end-effector path (final object positions as squares)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("rt2-demo: end-effector path and final object positions")
+    fig.tight_layout(rect=(0.0, 0.12, 1.0, 1.0))  # room for the legend under both views
+    return fig
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 A :class:`ParamSpec` carries name, type, default, units, bounds and a description. The same
 spec list is used (a) by the ROS nodes to declare parameters with ``ParameterDescriptor``s,
 (b) by the pure core to validate a plain dict (for tests, notebooks and ``rt2-bringup``),
-and (c) to generate the parameter tables in the README (``python -m rt2_ros.params``).
+and (c) to generate the parameter tables (``python -m rt2_ros.params`` prints them; docs/parameters.md).
 Validation errors always name the offending key, so a typo in a YAML file is a one-line fix.
+Types follow rclpy's rules exactly (an integer is not a double, ``2`` is refused where ``2.0`` is
+expected), so a value that validates here is one the node accepts; ``rt2-bringup --check`` runs
+the nodes' whole check of a params file (rt2_ros.nodes.bringup.check_params) without starting them.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,9 +57,12 @@ class ParamSpec:
             self._check_range(value)
             return value
         if t == "double":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{key}: expected a number, got {value!r}")
-            value = float(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                # As rclpy: a YAML integer is an INTEGER parameter, refused for a DOUBLE one.
+                raise ConfigError(f"{key}: expected a floating-point number, got the integer {value!r}; "
+                                  f"write {value}.0 (ROS 2 refuses an integer for a double parameter)")
+            if isinstance(value, bool) or not isinstance(value, float):
+                raise ConfigError(f"{key}: expected a floating-point number, got {value!r}")
             if not math.isfinite(value):
                 raise ConfigError(f"{key}: must be finite, got {value!r}")
             self._check_range(value)
@@ -73,6 +80,9 @@ class ParamSpec:
             raise ConfigError(f"{key}: expected {self.length} values, got {len(value)}")
         elem = {"double_array": "double", "int_array": "int", "string_array": "string"}[t]
         inner = ParamSpec(f"{key}[]", elem, None, "", low=self.low, high=self.high, choices=self.choices)
+        if elem == "double" and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}: expected floating-point numbers, got the integers {list(value)!r}; write "
+                              f"{[float(v) for v in value]!r} (ROS 2 refuses an integer list for a double array)")
         return [inner.validate(v) for v in value]
 
     def _check_range(self, value: float) -> None:
@@ -107,7 +117,8 @@ def resolve(specs: Iterable[ParamSpec], values: Mapping[str, Any], *, allow_unkn
     if unknown:
         hints = []
         for k in unknown:
-            close = [n for n in by_name if n.split(".")[-1] == k.split(".")[-1]]
+            close = [n for n in by_name if n.split(".")[-1] == k.split(".")[-1]] or \
+                difflib.get_close_matches(k, list(by_name), n=1, cutoff=0.8)
             hints.append(f"{k}" + (f" (did you mean {close[0]}?)" if close else ""))
         raise ConfigError(f"unknown parameter(s): {', '.join(sorted(hints))}")
     out = {s.name: s.default for s in specs}
@@ -116,14 +127,24 @@ def resolve(specs: Iterable[ParamSpec], values: Mapping[str, Any], *, allow_unkn
     return out
 
 
-def markdown_table(specs: Iterable[ParamSpec]) -> str:
-    """The README parameter table for ``specs``."""
-    rows = ["| parameter | type | default | units | range | description |", "|---|---|---|---|---|---|"]
+def markdown_table(specs: Iterable[ParamSpec], live: frozenset[str] | None = None) -> str:
+    """The README parameter table for ``specs``; with ``live``, a column saying which ``ros2 param set`` changes."""
+    live_head, live_rule = (" live |", "---|") if live is not None else ("", "")
+    rows = [f"| parameter | type | default | units | range |{live_head} description |",
+            f"|---|---|---|---|---|{live_rule}---|"]
     for s in specs:
         rng = ""
         if s.choices:
             rng = " / ".join(s.choices)
         elif s.low is not None or s.high is not None:
             rng = f"[{'' if s.low is None else s.low}, {'' if s.high is None else s.high}]"
-        rows.append(f"| `{s.name}` | {s.type} | `{s.default!r}` | {s.units} | {rng} | {s.description} |")
+        live_cell = (" yes |" if s.name in live else " – |") if live is not None else ""
+        rows.append(f"| `{s.name}` | {s.type} | `{s.default!r}` | {s.units} | {rng} |{live_cell} {s.description} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    # `python -m rt2_ros.params`: every node's parameter tables (the same text as docs/parameters.md).
+    from rt2_ros.params_doc import render
+
+    print(render(), end="")

@@ -103,6 +103,7 @@ class ReplyOutcome:
     latency_s: float = math.nan
     server_time_s: float = math.nan
     backend: str = ""
+    frame_stamp: float = math.nan  # ROS time of the camera frame the reply answers (accepted replies)
 
 
 @dataclass
@@ -144,6 +145,10 @@ class PolicyCore:
         self._queue.clear()
         self._in_flight.clear()  # replies to old requests will be dropped as stale
         return self.episode_id
+
+    def stop(self) -> None:
+        """End the episode on this side: no requests, an empty queue, in-flight replies dropped as stale."""
+        self.set_instruction("")
 
     def on_frame(self, image: np.ndarray, stamp: float, now: float, age_s: float = 0.0) -> None:
         """Keep only the latest frame; ``age_s`` is its age (ROS now - header stamp) on arrival."""
@@ -226,7 +231,7 @@ class PolicyCore:
         self._enqueue(actions, req.step_at_send)
         self.counters["replies_accepted"] += 1
         return ReplyOutcome(seq, True, "ok", "", bins, plan, reply.text or "", tuple(actions), latency,
-                            reply.server_time_s, reply.backend)
+                            reply.server_time_s, reply.backend, req.observation.stamp)
 
     def _drop(self, seq: int, reason: str, detail: str, reply: BackendReply | None, latency: float = math.nan
               ) -> ReplyOutcome:

@@ -10,7 +10,7 @@ step by step, what would have changed before the arm ever moves with them.
 File format (the rosbag2 MCAP layout, so both tools read it natively): MCAP profile ``ros2``;
 one channel per topic with message encoding ``cdr`` and the publishers' QoS in the channel
 metadata (``offered_qos_profiles``; ``ros2 bag play`` needs it to replay latched topics such as
-``/instruction`` as latched); one schema per type with encoding ``ros2msg`` holding the full
+``/rt2_safety/status`` as latched); one schema per type with encoding ``ros2msg`` holding the full
 ``.msg`` text plus every dependency, separated by ``=====...`` / ``MSG: pkg/Type`` lines as
 rosbag2 writes them. Messages are serialized by ``rclpy.serialization`` (the real type
 support, byte-identical to what went over DDS; the recorder node even stores the raw bytes it
@@ -38,6 +38,7 @@ import math
 import os
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from typing import IO, Any
 import numpy as np
 
 from rt2_ros.actions import ArmAction
+from rt2_ros.episode import NO_EPISODE, short_id
 
 # -- topics and QoS ---------------------------------------------------------------------------------
 
@@ -56,6 +58,7 @@ from rt2_ros.actions import ArmAction
 DEFAULT_TOPICS: dict[str, str] = {
     "/camera/image": "sensor_msgs/msg/Image",
     "/instruction": "std_msgs/msg/String",
+    "/episode": "rt2_ros_interfaces/msg/Episode",
     "/rt2_policy/action_tokens": "rt2_ros_interfaces/msg/ActionTokens",
     "/arm_action": "rt2_ros_interfaces/msg/ArmAction",
     "/rt2_safety/status": "rt2_ros_interfaces/msg/SafetyStatus",
@@ -82,6 +85,7 @@ QOS_KINDS: dict[str, QosSpec] = {
     "latched": QosSpec(history=1, depth=1, reliability=1, durability=1),  # LATCHED_QOS
     "action": QosSpec(history=1, depth=10, reliability=1, durability=2),  # ACTION_QOS
     "command": QosSpec(history=1, depth=1, reliability=1, durability=2),  # COMMAND_QOS
+    "event": QosSpec(history=1, depth=10, reliability=1, durability=2),  # EVENT_QOS
     "sensor_data": QosSpec(history=1, depth=5, reliability=2, durability=2),  # qos_profile_sensor_data
     "default": QosSpec(history=1, depth=10, reliability=1, durability=2),  # create_publisher(..., 10)
 }
@@ -90,7 +94,8 @@ QOS_KINDS: dict[str, QosSpec] = {
 DEFAULT_QOS: dict[str, str] = {
     "/camera/image": "sensor_data",
     "/camera/image/compressed": "sensor_data",
-    "/instruction": "latched",
+    "/instruction": "event",
+    "/episode": "event",
     "/rt2_policy/action_tokens": "default",
     "/arm_action": "action",
     "/rt2_safety/status": "latched",
@@ -343,6 +348,9 @@ class EpisodeRecorder:
         self.counts: dict[str, int] = {}  # topic -> messages written
         self.skipped: dict[str, int] = {}  # topic -> messages dropped by the rate limit
         self._closed = False
+        existing = next((p for p in self.path.parents if p.exists()), None)
+        if existing is not None and not existing.is_dir():  # mkdir would only say "File exists"
+            raise RecordingError(f"cannot write {self.path}: {existing} is a file, not a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._stream: IO[bytes] = open(self.path, "wb")  # noqa: SIM115 - closed in close()
@@ -521,6 +529,21 @@ class RecordedMessage:
 _MCAP_MAGIC = b"\x89MCAP0\r\n"
 
 
+def _damage(exc: BaseException) -> str:
+    """What a reader exception means for the file, in words (the mcap library's own are bare
+    causes such as ``EndOfFile:`` or ``unpack requires a buffer of 8 bytes``)."""
+    name = type(exc).__name__
+    if name == "EndOfFile" or isinstance(exc, struct.error):
+        return "it ends in the middle of a record (cut off)"
+    if "zstd" in name.lower() or "lz4" in name.lower():
+        return "a compressed chunk is damaged and cannot be decompressed"
+    return f"a damaged record ({name}: {str(exc)[:200]})"
+
+
+def _recover_hint(path: str | Path) -> str:
+    return f"`mcap recover {path} -o recovered.mcap` may restore more"
+
+
 def _open_reader(path: str | Path, stream: IO[bytes]) -> tuple[Any, bool]:
     """An mcap reader for ``stream`` and whether the file was finalised. A file that does not end
     with the MCAP magic was never closed (recorder killed): it is read front to back instead of
@@ -541,7 +564,7 @@ def _open_reader(path: str | Path, stream: IO[bytes]) -> tuple[Any, bool]:
             return SeekingReader(stream, decoder_factories=[DecoderFactory()]), True
         return NonSeekingReader(stream, decoder_factories=[DecoderFactory()]), False
     except Exception as exc:  # mcap raises several unrelated types for a damaged file
-        raise RecordingReadError(f"{path}: not a readable MCAP file ({type(exc).__name__}: {exc})") from exc
+        raise RecordingReadError(f"{path}: not a readable MCAP file: {_damage(exc)}") from exc
 
 
 def _open_file(path: str | Path) -> IO[bytes]:
@@ -562,7 +585,7 @@ def read_metadata(path: str | Path) -> dict[str, dict[str, str]]:
                 out.setdefault(record.name, {}).update(record.metadata)
         except Exception as exc:  # corrupt or truncated: mcap/zstd/struct errors alike
             if finalised:
-                raise RecordingReadError(f"{path}: cannot read metadata ({type(exc).__name__}: {exc})") from exc
+                raise RecordingReadError(f"{path}: cannot read metadata: {_damage(exc)}") from exc
     return out
 
 
@@ -596,9 +619,9 @@ def iter_messages(path: str | Path, topics: Iterable[str] | None = None,
                 yield RecordedMessage(channel.topic, normalize_type_name(schema.name) if schema else "",
                                       int(message.log_time), int(message.publish_time), decoded)
         except Exception as exc:  # truncated chunk, bad CRC, undecodable schema: all "unreadable"
-            problem = (f"{path}: read stopped after {count} messages ({type(exc).__name__}: {exc})"
-                       + ("" if finalised else "; the file was never finalised (recorder killed?), "
-                          "`mcap recover` may restore more"))
+            problem = (f"{path}: read stopped after {count} messages: {_damage(exc)}"
+                       + ("" if finalised else "; the file was never finalised (the recorder was killed, or it is "
+                          f"an incomplete copy); {_recover_hint(path)}"))
             if count == 0 or truncated is None:
                 raise RecordingReadError(problem) from exc
             truncated.append(problem)
@@ -619,7 +642,7 @@ def read_topics(path: str | Path) -> dict[str, str]:
         try:
             summary = reader.get_summary()
         except Exception as exc:  # corrupt summary section
-            raise RecordingReadError(f"{path}: cannot read the summary ({type(exc).__name__}: {exc})") from exc
+            raise RecordingReadError(f"{path}: cannot read the summary: {_damage(exc)}") from exc
         if summary is None:
             raise RecordingReadError(f"{path}: no summary section (recording not closed?); run `mcap recover`")
         return {c.topic: normalize_type_name(summary.schemas[c.schema_id].name)
@@ -636,6 +659,11 @@ _MATCH_ATOL = 1e-7
 _GRIPPER_ATOL = 1e-6
 
 
+#: the nodes whose parameters a replay uses, and which of their keys
+REPLAY_NODES = ("rt2_policy", "rt2_safety")
+REPLAY_KEYS = {"rt2_policy": "tokenizer.*", "rt2_safety": "safety.*, ee_pose_timeout_s"}
+
+
 @dataclass(frozen=True)
 class ReplayStep:
     """One executed arm action of the recording, re-decoded and re-filtered."""
@@ -643,7 +671,7 @@ class ReplayStep:
     index: int  # 1-based step number
     time_s: float  # log time since the first message of the recording
     observation_seq: int
-    episode_id: int
+    episode_id: str  # the action's episode, short hex form (rt2_ros.episode.short_id; "none" for no episode)
     tokens: tuple[int, ...]  # recorded bins (empty for continuous chunks)
     recorded: ArmAction  # what the policy node published
     redecoded: ArmAction | None  # what the candidate tokenizer makes of the recorded answer
@@ -673,6 +701,10 @@ class ReplayReport:
     recorded_counters: dict[str, int]  # safety run with the recorded params
     status_counters: dict[str, int] | None  # change of /rt2_safety/status counters over the recording
     notes: tuple[str, ...] = ()
+    episodes: tuple[tuple[str, str], ...] = ()  # (short id, instruction) of each announced episode, in order
+    params_recorded: tuple[str, ...] = ()  # nodes whose parameters the run parameters come from (the file's)
+    params_assumed: tuple[str, ...] = REPLAY_NODES  # nodes whose parameters are not in the file: defaults assumed
+    candidate_source: str = ""  # where the replay parameters come from ("" = the run parameters, unchanged)
 
     @property
     def mismatches(self) -> int:
@@ -684,11 +716,35 @@ class ReplayReport:
 
     @property
     def ok(self) -> bool:
-        return self.mismatches == 0 and self.verdict_changes == 0 and not self.now_valid_seqs
+        """The replay parameters reproduce the run; never for a recording without arm actions."""
+        return bool(self.steps) and self.mismatches == 0 and self.verdict_changes == 0 and not self.now_valid_seqs
 
 
 class ReplayConfigError(ValueError):
     """Replay parameters are invalid (the message names the key)."""
+
+
+
+def _replay_node(key: str) -> str | None:
+    if key.startswith("tokenizer."):
+        return "rt2_policy"
+    if key.startswith("safety.") or key == "ee_pose_timeout_s":
+        return "rt2_safety"
+    return None
+
+
+def recorded_param_nodes(path: str | Path, params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The nodes (of :data:`REPLAY_NODES`) whose parameters the recording holds: its ``params_from``
+    metadata (rt2-record), else those whose keys are present (older files, EpisodeRecorder(params=))."""
+    run = read_metadata(path).get(META_RUN, {})
+    params = recorded_params(path) if params is None else params
+    if "params_from" in run:
+        try:
+            named = set(json.loads(run["params_from"]))
+        except (ValueError, TypeError):
+            named = set()
+        return tuple(n for n in REPLAY_NODES if n in named)
+    return tuple(n for n in REPLAY_NODES if any(_replay_node(k) == n for k in params))
 
 
 def _split_params(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], float]:
@@ -740,23 +796,37 @@ def _redecode(tokenizer: Any, tokens_msg: Any, seq: int) -> tuple[ArmAction | No
     return None, ""
 
 
-class _SafetyReplay:
-    """The safety node's event handling around a SafetyFilter, driven by recorded log times."""
+def _episode_key(value: Any) -> bytes:
+    """A recorded episode id as 16 bytes: a ``unique_identifier_msgs/UUID`` as decoded from the
+    file, or the uint64 counter of recordings made before the UUID episode protocol."""
+    if isinstance(value, int):
+        return value.to_bytes(16, "big")
+    return bytes(bytearray(getattr(value, "uuid", value)))
 
-    def __init__(self, config: Any, ee_pose_timeout_s: float) -> None:
+
+class _SafetyReplay:
+    """The safety node's event handling around a SafetyFilter, driven by recorded log times.
+
+    As rt2_ros.nodes.safety_node: an active ``/episode`` starts the filter episode from the
+    measured pose (none fresh: a latched fault) and holds until the first action; an inactive
+    one for the current episode stops it; an arm action of any other episode is dropped
+    (``dropped:stale_episode`` for an episode that ended, else ``dropped:unknown_episode``).
+    ``implicit_episodes`` (recordings without ``/episode`` messages, made before the protocol):
+    the first action of a new episode id announces that episode.
+    """
+
+    def __init__(self, config: Any, ee_pose_timeout_s: float, implicit_episodes: bool = False) -> None:
         from rt2_ros.safety import SafetyFilter
 
         self.filter = SafetyFilter(config)
         self.period = 1.0 / config.command_rate_hz
         self.pose_timeout = ee_pose_timeout_s
-        self.episode_id = 0
-        self.gripper_cmd = 0.0
+        self.implicit_episodes = implicit_episodes
+        self.episode_id = NO_EPISODE
+        self.ended: set[bytes] = set()
         self.pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None
         self.next_tick: float | None = None
-        self.episode_drops = 0
-        self.late_instructions = 0
-        self._instruction_pending = False  # an instruction arrived and no episode started since
-        self._unexplained_start: float | None = None  # start time of an episode no instruction preceded
+        self.drops: dict[str, int] = {}
 
     def _fresh_pose(self, t: float) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
         if self.pose is None or t - self.pose[2] > self.pose_timeout:
@@ -769,42 +839,44 @@ class _SafetyReplay:
             self.next_tick = t
         while self.next_tick <= t:
             pose = self._fresh_pose(self.next_tick)
-            cmd = self.filter.tick(self.next_tick, *(pose[:2] if pose else (None, None)))
-            self.gripper_cmd = cmd.gripper
+            self.filter.tick(self.next_tick, *(pose[:2] if pose else (None, None)))
             self.next_tick += self.period
 
     def on_pose(self, t: float, position: tuple[float, ...], orientation: tuple[float, ...]) -> None:
         self.pose = (position, orientation, t)
 
-    def on_instruction(self, t: float, text: str) -> None:
-        # The recorder is one more subscriber: DDS may hand it the instruction after the policy
-        # and safety nodes already started the episode it caused. Such a late copy is not a
-        # new instruction; stopping the episode on it would make the replay diverge.
-        if self._unexplained_start is not None and t - self._unexplained_start <= _LATE_INSTRUCTION_S:
-            self._unexplained_start = None
-            self.late_instructions += 1
+    def on_episode(self, t: float, episode_id: bytes, active: bool, reason: str = "") -> None:
+        from rt2_ros.safety import SafetyState
+
+        if not active:
+            if episode_id == self.episode_id:
+                self.ended.add(self.episode_id)
+                self.episode_id = NO_EPISODE
+                self.filter.stop_episode(reason or "ended by the policy node")
             return
-        self._instruction_pending = True
-        self.filter.stop_episode("new instruction" if text.strip() else "empty instruction")
+        if self.episode_id != NO_EPISODE:
+            self.ended.add(self.episode_id)
+        self.episode_id = episode_id
+        pose = self._fresh_pose(t)
+        if self.filter.state == SafetyState.ESTOPPED:
+            return  # the episode is current, its actions are ignored until a reset
+        if pose is None:
+            self.filter.fault("no fresh end-effector pose on ee_pose; cannot start the episode", latch=True)
+        elif self.filter.start_episode(pose[0], pose[1], None, t):
+            self.filter.hold("waiting for the first action")
 
     def on_estop(self, pressed: bool) -> None:
         if pressed:
             self.filter.estop("estop topic")
 
-    def on_action(self, t: float, action: ArmAction, episode_id: int) -> tuple[str, ...]:
-        if episode_id < self.episode_id:
-            self.episode_drops += 1
-            return ("ignored:old_episode",)
-        if episode_id > self.episode_id:
-            pose = self._fresh_pose(t)
-            if pose is None:
-                self.filter.fault("no fresh end-effector pose on ee_pose; cannot start the episode")
-                return ("rejected:no_fresh_ee_pose",)
-            self.episode_id = episode_id
-            self._unexplained_start = None if self._instruction_pending else t
-            self._instruction_pending = False
-            if not self.filter.start_episode(pose[0], pose[1], self.gripper_cmd, t):
-                return tuple(self.filter.last_reasons)
+    def on_action(self, t: float, action: ArmAction, episode_id: bytes) -> tuple[str, ...]:
+        if (self.implicit_episodes and episode_id not in (self.episode_id, NO_EPISODE)
+                and episode_id not in self.ended):
+            self.on_episode(t, episode_id, True)
+        if episode_id != self.episode_id or episode_id == NO_EPISODE:
+            cause = "stale_episode" if episode_id in self.ended else "unknown_episode"
+            self.drops[cause] = self.drops.get(cause, 0) + 1
+            return (f"dropped:{cause}",)
         verdict = self.filter.on_action(action, t)
         return tuple(verdict.reasons) if verdict.reasons else (("ok",) if verdict.accepted else ("rejected",))
 
@@ -813,34 +885,42 @@ class _SafetyReplay:
         return self.filter.counters
 
 
-# How much later than the nodes the recorder may receive an instruction (DDS delivery order
-# between subscribers is not defined; observed: ~0.2 s on a loaded 2-core machine).
-_LATE_INSTRUCTION_S = 1.0
-
 _STATUS_COUNTERS = ("actions_accepted", "actions_rejected", "actions_clipped", "watchdog_trips", "estops",
                     "terminations")
 
 
 def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
-           candidate: Mapping[str, Any] | None = None) -> ReplayReport:
+           candidate: Mapping[str, Any] | None = None, candidate_source: str = "",
+           recorded_nodes: Sequence[str] | None = None) -> ReplayReport:
     """Re-run tokenizer and safety filter over a recording.
 
     ``recorded``: the flat parameters the run used (default: the file's ``rt2_ros.params``
-    metadata, else the defaults). ``candidate``: the parameters to evaluate (default: the
-    recorded ones). Keys used: ``tokenizer.*``, ``safety.*`` and ``ee_pose_timeout_s``.
+    metadata; a node whose parameters are not in it is assumed to have run with its defaults,
+    and the report names it; ``recorded_nodes`` says whose parameters ``recorded`` holds,
+    default: those whose keys it has). ``candidate``: the parameters to evaluate (default: the
+    recorded ones), ``candidate_source`` says where they come from (for the report). Keys used:
+    ``tokenizer.*``, ``safety.*`` and ``ee_pose_timeout_s``.
 
     Each recorded ``/arm_action`` is a step. Its ``ActionTokens`` (same observation_seq) are
     re-decoded with the candidate tokenizer and compared with the recorded action. Two safety
-    filters replay the same event stream (instructions, measured ee poses, e-stops, actions at
+    filters replay the same event stream (episodes, measured ee poses, e-stops, actions at
     their recorded times, command-rate ticks between them): one with the recorded params on the
     recorded actions, one with the candidate params on the re-decoded actions; their verdicts
-    are compared. Raises :class:`RecordingReadError` / :class:`ReplayConfigError`.
+    are compared. Episodes come from the recorded ``/episode`` announcements, as the safety node
+    takes them (a recording without any is replayed with each new episode id starting an
+    episode at its first action, with a note). Raises :class:`RecordingReadError` / :class:`ReplayConfigError`.
     """
     notes: list[str] = []
-    recorded = dict(recorded_params(path) if recorded is None else recorded)
-    if not any(k.startswith(("tokenizer.", "safety.")) for k in recorded):
-        notes.append("no tokenizer/safety parameters recorded; the recorded run is assumed to have used the "
-                     "defaults")
+    if recorded is None:
+        recorded = recorded_params(path)
+        have = recorded_param_nodes(path, recorded)
+    else:
+        recorded = dict(recorded)
+        have = tuple(n for n in REPLAY_NODES if any(_replay_node(k) == n for k in recorded)) \
+            if recorded_nodes is None else tuple(n for n in REPLAY_NODES if n in recorded_nodes)
+    # A node whose parameters are not in the file ran with values we do not know: its defaults stand in.
+    recorded = {k: v for k, v in recorded.items() if _replay_node(k) in have or _replay_node(k) is None}
+    assumed = tuple(n for n in REPLAY_NODES if n not in have)
     candidate = dict(recorded if candidate is None else candidate)
     rec_tok, rec_safety, rec_timeout = _build_filters(recorded)
     cand_tok, cand_safety, cand_timeout = _build_filters(candidate)
@@ -852,12 +932,19 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
     t0 = messages[0].log_time_ns if messages else 0
     duration = (messages[-1].log_time_ns - t0) * 1e-9 if messages else 0.0
 
-    base = _SafetyReplay(rec_safety, rec_timeout)
-    cand = _SafetyReplay(cand_safety, cand_timeout)
+    implicit = not any(_classify(m) == "episode" for m in messages)
+    if implicit and any(_classify(m) == "action" for m in messages):
+        notes.append("no /episode messages recorded (a recording made before the episode protocol, or /episode "
+                     "not recorded): each new episode id starts an episode at its first action, instructions "
+                     "are not replayed")
+    base = _SafetyReplay(rec_safety, rec_timeout, implicit)
+    cand = _SafetyReplay(cand_safety, cand_timeout, implicit)
     replies: dict[int, Any] = {}  # observation_seq -> latest ActionTokens
     executed: set[int] = set()
     steps: list[ReplayStep] = []
-    instructions: list[str] = []
+    instructions: list[str] = []  # of announced episodes
+    topic_instructions: list[str] = []  # on /instruction (shown when no episode was announced)
+    episodes: dict[str, str] = {}  # short id -> instruction
     statuses: list[Any] = []
     n_replies = 0
     profiles: set[str] = set()
@@ -878,10 +965,16 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
             p, q = msg.pose.position, msg.pose.orientation
             for sim in (base, cand):
                 sim.on_pose(t, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z))
-        elif kind == "instruction":
-            instructions.append(msg.data)
+        elif kind == "episode":
+            episode_id = _episode_key(msg.episode_id)
+            if msg.active:
+                instructions.append(msg.instruction)
+                episodes.setdefault(short_id(episode_id), msg.instruction)
             for sim in (base, cand):
-                sim.on_instruction(t, msg.data)
+                sim.on_episode(t, episode_id, bool(msg.active), msg.reason)
+        elif kind == "instruction":
+            if msg.data.strip():
+                topic_instructions.append(msg.data)
         elif kind == "estop":
             for sim in (base, cand):
                 sim.on_estop(bool(msg.data))
@@ -901,13 +994,14 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
                     match = False
                 else:
                     note = "continuous action chunk: nothing to re-decode"
-            recorded_verdict = base.on_action(t, rec_action, int(msg.episode_id))
+            episode_id = _episode_key(msg.episode_id)
+            recorded_verdict = base.on_action(t, rec_action, episode_id)
             if match is False and redecoded is None:
                 verdict: tuple[str, ...] = ("not_executed:invalid_tokens",)
             else:
                 # Equal actions go in as recorded, so float noise can never flip a verdict.
-                verdict = cand.on_action(t, rec_action if match is not False else redecoded, int(msg.episode_id))
-            steps.append(ReplayStep(len(steps) + 1, t, seq, int(msg.episode_id),
+                verdict = cand.on_action(t, rec_action if match is not False else redecoded, episode_id)
+            steps.append(ReplayStep(len(steps) + 1, t, seq, short_id(episode_id),
                                     tuple(int(v) for v in (tokens_msg.tokens if tokens_msg is not None else ())),
                                     rec_action, redecoded, note, match, verdict, recorded_verdict))
 
@@ -925,10 +1019,11 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
     if not steps:
         if truncated:
             raise RecordingReadError(f"{truncated[0]}; no arm action before that point, nothing to replay")
-        notes.append("no /arm_action messages in the recording: nothing to replay")
-    if base.late_instructions:
-        notes.append(f"{base.late_instructions} instruction(s) reached the recorder after the episode they started "
-                     f"(DDS delivery order); the replay applied them at the episode start")
+        notes.append("no /arm_action messages in the recording: nothing to replay (was the policy running, and "
+                     "did rt2-record record /arm_action?)")
+    if base.drops:
+        notes.append("arm actions of an episode the safety node was not executing, dropped as the node does: "
+                     + ", ".join(f"{cause} {n}" for cause, n in sorted(base.drops.items())))
     status_counters = None
     if len(statuses) >= 2:
         status_counters = {k: int(getattr(statuses[-1], k)) - int(getattr(statuses[0], k)) for k in _STATUS_COUNTERS}
@@ -936,9 +1031,9 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
         if any(status_counters[k] != replayed[k] for k in ("actions_accepted", "actions_rejected")):
             notes.append("the safety replay with the recorded params does not reproduce the recorded "
                          "/rt2_safety/status counts (see below): timing-dependent verdicts may differ from the run")
-    return ReplayReport(str(path), duration, tuple(instructions), tuple(steps), n_replies, len(unexecuted),
-                        tuple(sorted(now_valid)), changed, cand.counters, base.counters, status_counters,
-                        tuple(notes))
+    return ReplayReport(str(path), duration, tuple(instructions or topic_instructions), tuple(steps), n_replies,
+                        len(unexecuted), tuple(sorted(now_valid)), changed, cand.counters, base.counters,
+                        status_counters, tuple(notes), tuple(episodes.items()), have, assumed, candidate_source)
 
 
 def _classify(m: RecordedMessage) -> str | None:
@@ -949,6 +1044,8 @@ def _classify(m: RecordedMessage) -> str | None:
         return "tokens"
     if t == "rt2_ros_interfaces/msg/SafetyStatus":
         return "status"
+    if t == "rt2_ros_interfaces/msg/Episode":
+        return "episode"
     if t == "geometry_msgs/msg/PoseStamped" and m.topic.endswith("ee_pose"):
         return "pose"
     if t == "std_msgs/msg/String" and m.topic.endswith("instruction"):
@@ -985,24 +1082,44 @@ def format_action(a: ArmAction | None) -> str:
     return f"({t})mm ({r})mrad {g}"
 
 
+def _nodes_text(nodes: Sequence[str]) -> str:
+    return " and ".join(f"{n} ({REPLAY_KEYS[n]})" for n in nodes)
+
+
+def describe_run_params(recorded: Sequence[str], assumed: Sequence[str]) -> str:
+    """Which node's parameters a replay had from the recording and which it assumed (defaults)."""
+    if not assumed:
+        return f"{_nodes_text(recorded)} as recorded"
+    missing = (f"{_nodes_text(assumed)} NOT in the recording: {'their' if len(assumed) > 1 else 'its'} defaults "
+               "are assumed, which may not be what ran")
+    return f"{_nodes_text(recorded)} as recorded; {missing}" if recorded else missing
+
+
 def format_report(report: ReplayReport, only_changes: bool = False) -> str:
     """The human-readable table and summary ``rt2-replay`` prints."""
     lines = [f"recording: {report.path} ({report.duration_s:.1f} s, {report.replies} model replies, "
              f"{len(report.steps)} executed steps)"]
     for text in dict.fromkeys(report.instructions):
         lines.append(f"instruction: {text!r}")
+    lines.append("run parameters: " + describe_run_params(report.params_recorded, report.params_assumed))
+    lines.append(f"replay parameters: {report.candidate_source or 'the run parameters, unchanged'}")
     if report.changed_params:
         lines.append("parameters changed for the replay:")
         lines.extend(f"  {c}" for c in report.changed_params)
-    else:
-        lines.append("parameters: as recorded")
     lines.extend(f"note: {n}" for n in report.notes)
     header = (f"{'step':>4} {'t[s]':>7} {'seq':>5}  {'tokens':<31} {'recorded action':<42} "
               f"{'re-decoded':<42} {'match':<5}  safety verdict")
     lines += ["", header, "-" * len(header)]
+    instruction_of = dict(report.episodes)
+    episode = None
     for s in report.steps:
         if only_changes and s.match is not False and not s.verdict_changed:
             continue
+        if s.episode_id != episode:  # a line per episode, before its first row shown
+            episode = s.episode_id
+            text = instruction_of.get(episode)
+            lines.append(f"  episode {episode}" + (f": {text!r}" if text is not None else
+                                                    " (never announced on /episode)" if report.episodes else ""))
         tokens = " ".join(str(v) for v in s.tokens) or "-"
         if s.match is None:
             redecoded, match = "(" + (s.redecode_note.split(":")[0] or "n/a") + ")", "n/a"
@@ -1016,8 +1133,12 @@ def format_report(report: ReplayReport, only_changes: bool = False) -> str:
         lines.append(f"{s.index:>4} {s.time_s:>7.2f} {s.observation_seq:>5}  {tokens:<31} "
                      f"{format_action(s.recorded):<42} {redecoded[:42]:<42} {match:<5}  {verdict}")
     c, rc = report.counters, report.recorded_counters
-    redecodable = sum(1 for s in report.steps if s.match is not None)
-    lines += ["", f"steps: {len(report.steps)} (re-decodable {redecodable}), action mismatches: {report.mismatches}, "
+    redecoded = sum(1 for s in report.steps if s.redecoded is not None)
+    invalid = sum(1 for s in report.steps if s.match is False and s.redecoded is None)
+    nothing = sum(1 for s in report.steps if s.match is None)
+    kinds = [f"re-decodable {redecoded}"] + ([f"invalid with the replay tokenizer {invalid}"] if invalid else []) \
+        + ([f"no tokens to re-decode {nothing}"] if nothing else [])
+    lines += ["", f"steps: {len(report.steps)} ({', '.join(kinds)}), action mismatches: {report.mismatches}, "
                   f"safety verdict changes: {report.verdict_changes}",
               f"safety with replay params: accepted {c['actions_accepted']}, clipped {c['actions_clipped']}, "
               f"rejected {c['actions_rejected']}, watchdog trips {c['watchdog_trips']}, "
@@ -1033,9 +1154,12 @@ def format_report(report: ReplayReport, only_changes: bool = False) -> str:
     lines.append(f"model replies not executed (late, stale or invalid): {report.unexecuted_replies}"
                  + (f"; valid with the replay params: seq {', '.join(map(str, report.now_valid_seqs))}"
                     if report.now_valid_seqs else ""))
-    lines.append("result: " + ("MATCH - the replay params reproduce the recorded run" if report.ok else
-                               "CHANGED - the replay params would have changed the run (see rows marked NO or "
-                               "with a recorded-params verdict)"))
+    if not report.steps:
+        lines.append("result: NOTHING TO REPLAY - the recording holds no arm action")
+    else:
+        lines.append("result: " + ("MATCH - the replay params reproduce the recorded run" if report.ok else
+                                   "CHANGED - the replay params would have changed the run (see rows marked NO or "
+                                   "with a recorded-params verdict)"))
     return "\n".join(lines)
 
 
@@ -1055,20 +1179,26 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _params_from_file(path: str) -> dict[str, Any]:
-    """tokenizer.* of rt2_policy and safety.* / ee_pose_timeout_s of rt2_safety from a ROS 2 params file."""
-    from rt2_ros.nodes.bringup import ParamsFileError, load_params_file
+def _load_params_file(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(tokenizer.* of rt2_policy and safety.* / ee_pose_timeout_s of rt2_safety as the nodes would run
+    with a ROS 2 params file, the nodes the file configures). The file is checked exactly as
+    ``rt2-bringup --check`` checks it: a file the nodes would refuse is refused here too."""
+    from rt2_ros.nodes.bringup import ParamsFileError, check_params
+    from rt2_ros.params import ConfigError
 
     try:
-        nodes = load_params_file(path)
-    except ParamsFileError as exc:
-        raise ReplayConfigError(str(exc)) from exc
-    common = nodes.get("**", {})
-    policy = {**common, **nodes.get("rt2_policy", {})}
-    safety = {**common, **nodes.get("rt2_safety", {})}
-    out = {k: v for k, v in policy.items() if k.startswith("tokenizer.")}
-    out.update({k: v for k, v in safety.items() if k.startswith("safety.") or k == "ee_pose_timeout_s"})
-    return out
+        checked = check_params([path], nodes=REPLAY_NODES)
+    except (ParamsFileError, ConfigError) as exc:
+        raise ReplayConfigError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from exc
+    out = {k: v for k, v in checked.nodes["rt2_policy"].items() if k.startswith("tokenizer.")}
+    out.update({k: v for k, v in checked.nodes["rt2_safety"].items()
+                if k.startswith("safety.") or k == "ee_pose_timeout_s"})
+    return out, tuple(n for n in REPLAY_NODES if n in checked.configured)
+
+
+def _params_from_file(path: str) -> dict[str, Any]:
+    """tokenizer.* of rt2_policy and safety.* / ee_pose_timeout_s of rt2_safety from a ROS 2 params file."""
+    return _load_params_file(path)[0]
 
 
 def build_replay_parser() -> argparse.ArgumentParser:
@@ -1076,11 +1206,13 @@ def build_replay_parser() -> argparse.ArgumentParser:
         prog="rt2-replay",
         description="Re-run the tokenizer and the safety filter over an rt2_ros recording (MCAP) and show what "
                     "different parameters would have changed. Exit 0: the replay reproduces the recording; "
-                    "1: actions or safety verdicts differ; 2: unreadable file or invalid parameters.")
+                    "1: actions or safety verdicts differ; 2: nothing to replay (unreadable file, no arm action) "
+                    "or invalid parameters.")
     p.add_argument("file", help="recording (.mcap) written by rt2-record, rt2-demo or ros2 bag record -s mcap")
     p.add_argument("--params", default=None,
                    help="ROS 2 params YAML to evaluate (tokenizer.* of rt2_policy, safety.* of rt2_safety; keys it "
-                        "does not set take their defaults); default: the parameters stored in the recording")
+                        "does not set take their defaults), checked as rt2-bringup --check checks it; default: the "
+                        "parameters stored in the recording")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter on top, e.g. --set tokenizer.translation_scale_m=0.03 (repeatable)")
     p.add_argument("--only-changes", action="store_true", help="print only steps whose action or verdict changed")
@@ -1092,14 +1224,25 @@ def replay_main(argv: list[str] | None = None) -> int:
     args = build_replay_parser().parse_args(argv)
     try:
         recorded = recorded_params(args.file)
-        candidate = _params_from_file(args.params) if args.params else dict(recorded)
-        candidate.update(_parse_set(args.set))
-        unknown = [k for k in candidate if not (k.startswith(("tokenizer.", "safety.")) or k == "ee_pose_timeout_s")
-                   and k not in recorded]
+        have = recorded_param_nodes(args.file, recorded)
+        run = {k: v for k, v in recorded.items() if _replay_node(k) in have}  # as replay() takes them
+        source = ""
+        if args.params:
+            candidate, configured = _load_params_file(args.params)
+            unset = [n for n in REPLAY_NODES if n not in configured]
+            source = f"{args.params} ({_nodes_text(configured) or 'no rt2_policy or rt2_safety section'}; " + \
+                (f"{' and '.join(unset)} not in it: defaults; " if unset else "") + "keys it does not set: defaults)"
+        else:
+            candidate = dict(run)
+        given = _parse_set(args.set)
+        unknown = [k for k in given if _replay_node(k) is None]
         if unknown:
             raise ReplayConfigError(f"--set {unknown[0]}: replay only evaluates tokenizer.*, safety.* and "
                                     f"ee_pose_timeout_s")
-        report = replay(args.file, recorded=recorded, candidate=candidate)
+        candidate.update(given)
+        if given:
+            source = (source or "the run parameters") + " with --set " + ", ".join(args.set)
+        report = replay(args.file, recorded=run, candidate=candidate, candidate_source=source, recorded_nodes=have)
     except RecordingReadError as exc:
         print(f"rt2-replay: {exc}", file=sys.stderr)
         return 2
@@ -1107,6 +1250,8 @@ def replay_main(argv: list[str] | None = None) -> int:
         print(f"rt2-replay: invalid parameters: {exc}", file=sys.stderr)
         return 2
     print(format_report(report, only_changes=args.only_changes))
+    if not report.steps:
+        return 2  # nothing was compared: never a pass
     return 0 if report.ok else 1
 
 

@@ -21,6 +21,15 @@ Model of control (MoveIt Servo style):
   MoveIt Servo and the arm controller do the physical deceleration), the target frozen at the
   current pose, the gripper command frozen where it is (never opened: that would drop a
   grasped object).
+* The gripper command may be *unknown* (None): a new filter does not know whether the gripper
+  holds an object, and a (re)started safety node that commanded "open" on its own would drop
+  what the arm held when it crashed. Nothing is commanded until an action gives an absolute
+  gripper value (taken at once, not ramped from an invented one); relative gripper actions
+  are ignored while unknown.
+* Limits can change at run time (:meth:`SafetyFilter.check_config`,
+  :meth:`SafetyFilter.update_config`): speeds, steps and timeouts take effect on the next
+  tick; a new workspace/keep-out geometry is refused while it would exclude the arm or its
+  target, and otherwise holds a running episode so the next action starts from the arm's pose.
 
 State machine (see docs/safety.md for the diagram): IDLE -> RUNNING on ``start_episode``;
 RUNNING <-> HOLDING on watchdog/rejected action vs. a fresh valid action; TERMINATED on a
@@ -221,7 +230,7 @@ class SafeCommand:
     angular_velocity: np.ndarray  # (3,) rad/s, rotation-vector rate
     target_position: np.ndarray  # (3,) m, commanded target (for markers / PoseStamped mode)
     target_orientation: np.ndarray  # (4,) quaternion w, x, y, z
-    gripper: float  # commanded closedness 0..1 (rate-limited)
+    gripper: float | None  # commanded closedness 0..1 (rate-limited); None = unknown: send no gripper command
     state: SafetyState
     reasons: tuple[str, ...]  # "hold:<why>", "limited:<what>", "rejected:<what>"
     moving: bool  # any non-zero velocity or a gripper change this tick
@@ -296,6 +305,56 @@ def _segment_entry(p: np.ndarray, d: np.ndarray, lo: np.ndarray, hi: np.ndarray)
     return t_near, axis
 
 
+_Boxes = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _geometry(config: SafetyConfig) -> tuple[np.ndarray, np.ndarray, _Boxes]:
+    """Workspace corners and keep-out boxes of ``config`` as arrays."""
+    boxes = [(np.array(b[:3], dtype=np.float64), np.array(b[3:], dtype=np.float64)) for b in config.keep_out_boxes]
+    return np.array(config.workspace_min, dtype=np.float64), np.array(config.workspace_max, dtype=np.float64), boxes
+
+
+def _same_geometry(a: SafetyConfig, b: SafetyConfig) -> bool:
+    return (a.workspace_min, a.workspace_max, a.keep_out_boxes) == (b.workspace_min, b.workspace_max, b.keep_out_boxes)
+
+
+def _inside_any(p: np.ndarray, boxes: _Boxes) -> bool:
+    return any(bool(np.all(p > lo) and np.all(p < hi)) for lo, hi in boxes)
+
+
+def _safe_point_in(p: np.ndarray, ws_lo: np.ndarray, ws_hi: np.ndarray, boxes: _Boxes,
+                   tol: float) -> np.ndarray | None:
+    """A target near ``p`` inside the workspace ``(ws_lo, ws_hi)`` and clear of ``boxes`` (by the
+    face margin), or None when ``p`` is deeper than ``tol`` inside a box."""
+    q = np.clip(p, ws_lo, ws_hi)
+    for _ in range(len(boxes) + 1):
+        moved = False
+        for lo, hi in boxes:
+            if not (np.all(q > lo - _FACE_MARGIN_M) and np.all(q < hi + _FACE_MARGIN_M)):
+                continue
+            depth = np.concatenate([q - lo, hi - q])  # how far to each face (min x y z, max x y z)
+            for k in np.argsort(depth, kind="stable"):
+                if depth[k] > tol:
+                    return None
+                axis = int(k) % 3
+                candidate = q.copy()
+                candidate[axis] = lo[axis] - _FACE_MARGIN_M if k < 3 else hi[axis] + _FACE_MARGIN_M
+                if ws_lo[axis] <= candidate[axis] <= ws_hi[axis]:
+                    q, moved = candidate, True
+                    break
+            else:
+                return None
+        if not moved:
+            break
+    if np.any(q < ws_lo) or np.any(q > ws_hi) or _inside_any(q, boxes):
+        return None
+    return q
+
+
+def _fmt_point(p: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in p) + ")"
+
+
 class SafetyFilter:
     """Turns policy actions into bounded, watchdog-guarded twist commands. Not thread-safe:
     call it from one thread (the node's executor with a mutually exclusive callback group).
@@ -309,15 +368,14 @@ class SafetyFilter:
     * one action moves the target by at most ``max_step_translation_m`` / ``max_step_rotation_rad``;
     * ``|v| <= max_linear_speed_m_s``, ``|w| <= max_angular_speed_rad_s``; the velocity changes
       by at most ``accel * dt`` except when a safety limit (hold, boundary) cuts it down;
-    * only RUNNING produces motion; estop wins over everything.
+    * only RUNNING produces motion; estop wins over everything;
+    * the gripper command is never invented: unknown (None) until an absolute gripper action
+      sets it, never changed by a hold, and never returns to unknown.
     """
 
     def __init__(self, config: SafetyConfig) -> None:
         self._cfg = config
-        self._ws_lo = np.array(config.workspace_min, dtype=np.float64)
-        self._ws_hi = np.array(config.workspace_max, dtype=np.float64)
-        self._boxes = [(np.array(b[:3], dtype=np.float64), np.array(b[3:], dtype=np.float64))
-                       for b in config.keep_out_boxes]
+        self._ws_lo, self._ws_hi, self._boxes = _geometry(config)
         self._episode = SafetyState.IDLE  # IDLE, RUNNING, HOLDING or TERMINATED
         self._estopped = False
         self._fault: tuple[str, bool] | None = None  # (reason, latched)
@@ -327,8 +385,10 @@ class SafetyFilter:
         self._q_est = np.array([1.0, 0.0, 0.0, 0.0])
         self._target_p = self._p_est.copy()
         self._target_q = self._q_est.copy()
-        self._g_cmd = 0.0
-        self._g_target = 0.0
+        # Gripper command and target, None while unknown (both None or both set): a restarted
+        # node must not assume "open" — commanding it would drop a grasped object.
+        self._g_cmd: float | None = None
+        self._g_target: float | None = None
         self._v_prev = np.zeros(3)
         self._w_prev = np.zeros(3)
         self._last_action_time = -math.inf
@@ -382,22 +442,28 @@ class SafetyFilter:
     def target_orientation(self) -> np.ndarray:
         return self._target_q.copy()
 
+    @property
+    def gripper_command(self) -> float | None:
+        """The current gripper command (closedness 0..1), None while unknown."""
+        return self._g_cmd
+
     def diagnostics(self) -> dict[str, str]:
         """Flat key/value status for a diagnostic_msgs/DiagnosticStatus."""
         out = {"state": self.state.name, "hold_reason": self.hold_reason,
                "last_reasons": ",".join(self._last_reasons),
                "target_position": " ".join(f"{v:.4f}" for v in self._target_p),
-               "gripper_command": f"{self._g_cmd:.3f}"}
+               "gripper_command": "unknown" if self._g_cmd is None else f"{self._g_cmd:.3f}"}
         out.update({k: str(v) for k, v in self._counters.items()})
         return out
 
     # -- operator / episode events -------------------------------------------------------------------
-    def start_episode(self, position: Any, orientation_wxyz: Any, gripper: float, now: float) -> bool:
+    def start_episode(self, position: Any, orientation_wxyz: Any, gripper: float | None, now: float) -> bool:
         """Begin executing a new instruction from the given (measured) pose.
 
         From any state except ESTOPPED (a new instruction also ends TERMINATED, clears a FAULT
         and restarts a running episode). The commanded target := the given pose, the gripper
-        command := ``gripper`` (clamped to 0..1), the watchdog starts at ``now``. Refused
+        command := ``gripper`` (clamped to 0..1; None keeps the filter's own last command, which
+        is None — unknown — if no gripper value was ever known), the watchdog starts at ``now``. Refused
         (returns False, ``last_reasons`` says why; a running episode is stopped) when the pose is
         not finite, the quaternion is degenerate, or the position lies outside the workspace or
         inside a keep-out box by more than ``boundary_tolerance_m`` — the filter never drags
@@ -410,12 +476,14 @@ class SafetyFilter:
         try:
             p = np.asarray(position, dtype=np.float64).reshape(-1)
             q = np.asarray(orientation_wxyz, dtype=np.float64).reshape(-1)
-            g, t = float(gripper), float(now)
+            g = None if gripper is None else float(gripper)
+            t = float(now)
         except (TypeError, ValueError):
             p, q, g, t = np.zeros(0), np.zeros(0), math.nan, math.nan
         if p.shape != (3,) or q.shape != (4,):
             why = "rejected:start_pose_shape"
-        elif not (np.all(np.isfinite(p)) and np.all(np.isfinite(q)) and math.isfinite(g) and math.isfinite(t)):
+        elif not (np.all(np.isfinite(p)) and np.all(np.isfinite(q)) and (g is None or math.isfinite(g))
+                  and math.isfinite(t)):
             why = "rejected:start_non_finite"
         elif _norm(q) < 1e-6:
             why = "rejected:start_orientation_degenerate"
@@ -436,7 +504,9 @@ class SafetyFilter:
         self._hold_reason = ""
         self._p_est, self._q_est = p.copy(), q.copy()
         self._target_p, self._target_q = safe_p, q.copy()
-        self._g_cmd = self._g_target = min(max(g, 0.0), 1.0)
+        if g is not None:
+            self._g_cmd = min(max(g, 0.0), 1.0)
+        self._g_target = self._g_cmd  # no ramp left over from the previous episode
         self._v_prev, self._w_prev = np.zeros(3), np.zeros(3)
         self._last_action_time = t
         self._last_tick_time = t
@@ -511,6 +581,71 @@ class SafetyFilter:
         self._last_reasons = ("fault_cleared",)
         return True
 
+    # -- live limits ------------------------------------------------------------------------------------
+    def check_config(self, config: SafetyConfig) -> str:
+        """Empty when ``config`` may replace the current limits now, else a one-line reason naming the key.
+
+        While an episode is active (RUNNING or HOLDING, also under a FAULT), a new workspace or
+        new keep-out boxes must still contain the arm's pose estimate and the commanded target
+        (up to ``boundary_tolerance_m`` outside the workspace or inside a box, as at
+        start_episode): the filter never drags the arm into a new workspace on its own. All other
+        changes are always allowed (SafetyConfig checked their consistency when it was built).
+        """
+        if not isinstance(config, SafetyConfig):
+            return f"safety: expected a SafetyConfig, got {type(config).__name__}"
+        if _same_geometry(config, self._cfg) or self._episode not in (SafetyState.RUNNING, SafetyState.HOLDING):
+            return ""
+        ws_lo, ws_hi, boxes = _geometry(config)
+        tol = config.boundary_tolerance_m
+        for what, p in (("the arm's position", self._p_est), ("the commanded target", self._target_p)):
+            where = f"{what} {_fmt_point(p)} m would be outside the new workspace"
+            for i, axis in enumerate(_AXES):
+                if p[i] > ws_hi[i] + tol:
+                    return f"safety.workspace_max: {where} ({axis} max {ws_hi[i]:.3f} m)"
+                if p[i] < ws_lo[i] - tol:
+                    return f"safety.workspace_min: {where} ({axis} min {ws_lo[i]:.3f} m)"
+            if _safe_point_in(p, ws_lo, ws_hi, boxes, tol) is None:
+                inside = [k for k, (lo, hi) in enumerate(boxes) if np.all(p > lo) and np.all(p < hi)]
+                box = f"new keep-out box {inside[0]}" if inside else "the new keep-out boxes"
+                return f"safety.keep_out_boxes: {what} {_fmt_point(p)} m would be inside {box}"
+        return ""
+
+    def update_config(self, config: SafetyConfig) -> None:
+        """Replace the limits (call :meth:`check_config` first; raises ConfigError if it refuses).
+
+        Speeds, steps, accelerations, gains, tolerances, watchdog, command rate and look-ahead
+        take effect on the next tick/action; the previous twist is cut to the new speed limits,
+        so the next tick already obeys them. A changed workspace or keep-out geometry re-freezes
+        the target at the current pose (projected into the new safe set): a RUNNING episode goes
+        to HOLDING (``hold: limits changed``) and the next valid action resumes under the new
+        limits — a target planned under the old ones is never executed.
+        """
+        why = self.check_config(config)
+        if why:
+            raise ConfigError(why)
+        geometry_changed = not _same_geometry(config, self._cfg)
+        self._cfg = config
+        self._ws_lo, self._ws_hi, self._boxes = _geometry(config)
+        self._v_prev, _ = _clip_norm(self._v_prev, config.max_linear_speed_m_s)
+        self._w_prev, _ = _clip_norm(self._w_prev, config.max_angular_speed_rad_s)
+        if not geometry_changed:
+            self._last_reasons = ("config_updated",)
+            return
+        if self._episode == SafetyState.RUNNING and not self._estopped and self._fault is None:
+            self._enter_hold(SafetyState.HOLDING, "hold: limits changed")
+            self._last_reasons = ("hold:limits_changed",)
+            return
+        # Held or no episode: nothing moves now, but the next action (HOLDING) builds on this target,
+        # and markers show it, so it moves into the new safe set, at the arm's pose.
+        safe = self._safe_point(self._p_est)
+        if safe is None:  # the arm is deep in a new box: only without an active episode (check_config),
+            # so this target is only shown, never commanded; start_episode will refuse this pose
+            safe = _safe_point_in(self._p_est, self._ws_lo, self._ws_hi, self._boxes, math.inf)
+        if safe is not None:
+            self._target_p = safe
+        self._target_q = self._q_est.copy()
+        self._last_reasons = ("config_updated",)
+
     # -- policy actions ---------------------------------------------------------------------------------
     def on_action(self, action: ArmAction, now: float) -> Verdict:
         """Apply one decoded policy action (a per-step delta) to the commanded target.
@@ -532,7 +667,10 @@ class SafetyFilter:
            face of any keep-out box it would enter, sliding along it (``clipped:keep_out_<k>``);
            target orientation = exp(rotation) * previous target (base-frame rotation vector);
            gripper target = value (absolute) or target + value (``gripper_relative``), clamped
-           to 0..1 (``clipped:gripper``).
+           to 0..1 (``clipped:gripper``). While the gripper is unknown, an absolute value sets
+           command and target at once (a ramp would start from an invented value, e.g. "open"),
+           and a relative one leaves it unknown (``ignored:gripper_unknown``; the rest of the
+           action still applies).
         """
         if self._estopped:
             return self._ignore("ignored:estopped")
@@ -580,14 +718,22 @@ class SafetyFilter:
             return self._reject("rejected:keep_out")
         reasons.extend(f"clipped:keep_out_{k}" for k in sorted(hits))
 
-        g = action.gripper + (self._g_target if action.gripper_relative else 0.0)
-        if not 0.0 <= g <= 1.0:
-            reasons.append("clipped:gripper")
+        g_new: float | None = None
+        if action.gripper_relative and self._g_target is None:
+            reasons.append("ignored:gripper_unknown")  # a change of an unknown value is no value
+        else:
+            g = action.gripper + (self._g_target if action.gripper_relative and self._g_target is not None else 0.0)
+            if not 0.0 <= g <= 1.0:
+                reasons.append("clipped:gripper")
+            g_new = min(max(g, 0.0), 1.0)
 
         self._target_p = prev + step
         q = tq.qmult(_quat_from_rotvec(rot), self._target_q)
         self._target_q = q / _norm(q)
-        self._g_target = float(np.clip(g, 0.0, 1.0))
+        if g_new is not None:
+            if self._g_cmd is None:
+                self._g_cmd = g_new  # first known value: commanded as is, not ramped from a guess
+            self._g_target = g_new
         self._fault = None
         if self._episode == SafetyState.HOLDING:
             self._episode = SafetyState.RUNNING
@@ -596,7 +742,7 @@ class SafetyFilter:
         if action.observation_seq >= 0:
             self._last_seq = action.observation_seq
         self._counters["actions_accepted"] += 1
-        if reasons:
+        if any(r.startswith("clipped:") for r in reasons):
             self._counters["actions_clipped"] += 1
         self._last_reasons = tuple(reasons)
         return Verdict(True, self._last_reasons)
@@ -617,7 +763,8 @@ class SafetyFilter:
           twist, then each component limited so that ``position + v * lookahead_s`` stays in the
           workspace and outside keep-out boxes (the arm slides along walls instead of stalling).
           Angular: the same from the rotation vector of ``q_target * q_current^-1``.
-        * The gripper command moves toward its target at ``max_gripper_rate_per_s``.
+        * The gripper command moves toward its target at ``max_gripper_rate_per_s`` (stays None
+          while unknown).
         """
         cfg = self._cfg
         now = _finite_or_none(now)
@@ -647,8 +794,9 @@ class SafetyFilter:
         v = self._linear_velocity(dt, reasons)
         w = self._angular_velocity(dt, reasons)
         g_prev = self._g_cmd
-        max_dg = cfg.max_gripper_rate_per_s * dt
-        self._g_cmd = float(np.clip(self._g_target, g_prev - max_dg, g_prev + max_dg))
+        if g_prev is not None and self._g_target is not None:
+            max_dg = cfg.max_gripper_rate_per_s * dt
+            self._g_cmd = min(max(self._g_target, g_prev - max_dg), g_prev + max_dg)
         self._v_prev, self._w_prev = v, w
         moving = bool(np.any(v != 0.0) or np.any(w != 0.0) or self._g_cmd != g_prev)
         return SafeCommand(v.copy(), w.copy(), self._target_p.copy(), self._target_q.copy(), self._g_cmd,
@@ -761,7 +909,7 @@ class SafetyFilter:
         return Verdict(False, self._last_reasons)
 
     def _inside_keep_out(self, p: np.ndarray) -> bool:
-        return any(bool(np.all(p > lo) and np.all(p < hi)) for lo, hi in self._boxes)
+        return _inside_any(p, self._boxes)
 
     def _project_shallow(self, p: np.ndarray, tol: float) -> np.ndarray | None:
         """``p`` pushed onto the nearest face of any keep-out box it is at most ``tol`` inside;
@@ -784,30 +932,7 @@ class SafetyFilter:
     def _safe_point(self, p: np.ndarray) -> np.ndarray | None:
         """A target near ``p`` inside the workspace and clear of keep-out boxes (by the face
         margin), or None when ``p`` is deeper than ``boundary_tolerance_m`` inside a box."""
-        q = np.clip(p, self._ws_lo, self._ws_hi)
-        tol = self._cfg.boundary_tolerance_m
-        for _ in range(len(self._boxes) + 1):
-            moved = False
-            for lo, hi in self._boxes:
-                if not (np.all(q > lo - _FACE_MARGIN_M) and np.all(q < hi + _FACE_MARGIN_M)):
-                    continue
-                depth = np.concatenate([q - lo, hi - q])  # how far to each face (min x y z, max x y z)
-                for k in np.argsort(depth, kind="stable"):
-                    if depth[k] > tol:
-                        return None
-                    axis = int(k) % 3
-                    candidate = q.copy()
-                    candidate[axis] = lo[axis] - _FACE_MARGIN_M if k < 3 else hi[axis] + _FACE_MARGIN_M
-                    if self._ws_lo[axis] <= candidate[axis] <= self._ws_hi[axis]:
-                        q, moved = candidate, True
-                        break
-                else:
-                    return None
-            if not moved:
-                break
-        if np.any(q < self._ws_lo) or np.any(q > self._ws_hi) or self._inside_keep_out(q):
-            return None
-        return q
+        return _safe_point_in(p, self._ws_lo, self._ws_hi, self._boxes, self._cfg.boundary_tolerance_m)
 
     def _limit_keep_out(self, p: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, set[int], bool]:
         """Shorten the components of step ``d`` from ``p`` so that ``p -> p + d`` enters no keep-out box.

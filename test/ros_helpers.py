@@ -44,6 +44,22 @@ def write_params(path: Path, policy: dict | None = None, safety: dict | None = N
     return path
 
 
+NO_EPISODE = bytes(16)
+# What each rt2-bringup role subscribes to among the probe's publishers (attribute names): the
+# safety node to ee_pose and arm_action, the policy node to ee_pose, the camera and instruction.
+SUBSCRIBES = {
+    "both": {"pose_pub": 2, "image_pub": 1, "instruction": 1, "straggler": 1},
+    "safety": {"pose_pub": 1, "straggler": 1},
+    "policy": {"pose_pub": 1, "image_pub": 1, "instruction": 1},
+}
+PERIODIC = ("pose_pub", "image_pub")
+
+
+def uid(msg_uuid) -> bytes:
+    """An episode id (unique_identifier_msgs/UUID) as 16 bytes."""
+    return bytes(bytearray(msg_uuid.uuid))
+
+
 def start_bringup(params: Path, *extra: str, log: Path) -> subprocess.Popen:
     """``rt2-bringup`` in its own process (same interpreter, repo on sys.path)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
@@ -77,6 +93,7 @@ class Probe:
         self._cond = threading.Condition()
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
+        self._clients: dict = {}
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._running = True
         self._thread.start()
@@ -112,15 +129,17 @@ class Probe:
     def publish_fake_sensors(self, period_s: float = 0.05) -> Callable[[], None]:
         """Play camera and arm driver: a black 64x64 image on /camera/image and a fixed pose on
         /ee_pose every ``period_s``; returns a function that stops publishing (the timer and both
-        publishers are destroyed), for tests that hand these topics to another node afterwards."""
+        publishers are destroyed), for tests that hand these topics to another node afterwards.
+        ``self.pose_pub`` and ``self.image_pub`` (:class:`MatchedPublisher`) tell when a (re)started node
+        subscribed and got a sample."""
         import numpy as np
         from geometry_msgs.msg import PoseStamped
         from sensor_msgs.msg import Image
 
         from rt2_ros.nodes.common import rgb_to_image_msg
 
-        image_pub = self.node.create_publisher(Image, "/camera/image", 10)
-        pose_pub = self.node.create_publisher(PoseStamped, "/ee_pose", 10)
+        image_pub = self.image_pub = MatchedPublisher(self, Image, "/camera/image", 10)
+        pose_pub = self.pose_pub = MatchedPublisher(self, PoseStamped, "/ee_pose", 10)
         frame = np.zeros((64, 64, 3), dtype=np.uint8)
 
         def publish() -> None:
@@ -136,13 +155,256 @@ class Probe:
 
         def stop_publishing() -> None:
             self.node.destroy_timer(timer)
-            self.node.destroy_publisher(image_pub)
-            self.node.destroy_publisher(pose_pub)
+            self.node.destroy_publisher(image_pub.pub)
+            self.node.destroy_publisher(pose_pub.pub)
 
         return stop_publishing
+
+    def latest(self, key: str):
+        """The last message recorded under ``key``, or None."""
+        with self._cond:
+            msgs = self.messages[key]
+            return msgs[-1][1] if msgs else None
+
+    def match_baselines(self, role: str) -> dict[str, int]:
+        """The match totals of the probe's publishers that ``role`` subscribes to (take before starting it)."""
+        return {name: getattr(self, name).total for name in SUBSCRIBES[role] if hasattr(self, name)}
+
+    def wait_started(self, proc: subprocess.Popen, role: str, baselines: dict[str, int], t0: float,
+                     log: Path | None = None, timeout: float = 20.0) -> None:
+        """Until the rt2-bringup ``role`` started at ``t0`` is up: the safety node's status (recorded under
+        "status") arrived, and every probe publisher matched each new subscription (and the sensors kept
+        publishing after that). AssertionError with the log if not, or if the process exited."""
+        try:
+            if role in ("both", "safety"):
+                self.wait_for(lambda: proc.poll() is not None or bool(self.since("status", t0)), timeout,
+                              f"the {role} process's safety status")
+                assert proc.poll() is None, f"the {role} process exited with {proc.returncode}"
+            for name, baseline in baselines.items():
+                pub, n = getattr(self, name), SUBSCRIBES[role][name]
+                if name in PERIODIC:
+                    pub.wait_delivered(baseline, timeout, proc, n)
+                else:
+                    pub.wait_new_match(baseline, timeout, proc, n)
+        except AssertionError as exc:
+            text = log.read_text() if log is not None and log.exists() else ""
+            raise AssertionError(f"{exc}\n--- {log.name if log else 'log'} ---\n{text}") from None
+
+    def take_episode(self, send: Callable[[], object], attempts: int = 3) -> tuple[object, float, bytes, int]:
+        """Start an episode with ``send()`` (an instruction or a goal) until the safety node takes it.
+
+        :meth:`wait_started` waits for every match the probe can see, but not for those it cannot: a
+        best-effort ee_pose reader that matched the probe's writer a moment after the writer matched
+        it, or (safety and policy node in two processes) the policy's episode publisher and the
+        safety node's subscription; DDS discovery of a fresh process now and then takes seconds.
+        The episode then fails as designed (no fresh ee_pose: FAULT; announcement lost: FAULT after
+        policy.safety_ack_timeout_s) and, like an operator, this sends again. Returns (what
+        ``send`` returned, its send time, the episode id, the attempts used).
+        """
+        for attempt in range(1, attempts + 1):
+            with self._cond:
+                known = {uid(m.episode_id) for _, m in self.messages["status"]} | {NO_EPISODE}
+            t = time.monotonic()
+            sent = send()
+            try:
+                self.wait_for(lambda known=known: (st := self.latest("status")) is not None
+                              and uid(st.episode_id) not in known, 2.5, "the safety node to take the episode")
+            except AssertionError:
+                if attempt == attempts:
+                    raise
+                continue
+            st = self.latest("status")
+            if st.state_name in ("RUNNING", "HOLDING"):
+                return sent, t, uid(st.episode_id), attempt
+            if attempt == attempts:
+                raise AssertionError(f"the safety node refused the episode: {st.state_name} {list(st.reasons)}")
+        raise AssertionError("unreachable")
+
+    def publisher(self, msg_type, topic: str, qos) -> MatchedPublisher:
+        """A publisher that counts its matched subscriptions (see :class:`MatchedPublisher`)."""
+        return MatchedPublisher(self, msg_type, topic, qos)
+
+    def call(self, srv_type, name: str, request, timeout: float = 5.0, retry: bool = False):
+        """Call service ``name`` and return the response; AssertionError if it is absent or silent.
+
+        ``wait_for_service`` is also satisfied by a server of a SIGKILLed process, which DDS keeps in
+        the graph until its lease ends (~20 s): a request sent then reaches only the dead server if
+        the new one has not matched yet. With ``retry`` (idempotent services only) an unanswered
+        request is sent again every second until ``timeout``.
+        """
+        key = (srv_type, name)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = self.node.create_client(srv_type, name)
+        deadline = time.monotonic() + timeout
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise AssertionError(f"service {name} not available within {timeout:.1f} s")
+        while True:
+            future = client.call_async(request)
+            left = deadline - time.monotonic()
+            try:
+                self.wait_for(future.done, max(0.0, min(left, 1.0) if retry else left), f"the reply of {name}")
+                return future.result()
+            except AssertionError:
+                client.remove_pending_request(future)
+                if not retry or time.monotonic() >= deadline:
+                    raise AssertionError(f"no reply of {name} within {timeout:.1f} s") from None
+
+    def wait_answering(self, node: str, timeout: float = 10.0) -> None:
+        """Until ``node`` answers a parameter query: the live process, not a dead one's leftovers, is
+        matched both ways. Call before a service that must not be sent twice (estop, change_state)."""
+        from rcl_interfaces.srv import GetParameters
+
+        self.call(GetParameters, f"/{node}/get_parameters", GetParameters.Request(names=[]), timeout, retry=True)
+
+    def set_parameters(self, node: str, values: dict, timeout: float = 5.0) -> list:
+        """``ros2 param set``: one SetParametersResult per value (each set on its own, like the CLI)."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        self.wait_answering(node, timeout)
+        results = []
+        for name, value in values.items():
+            req = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
+            results += list(self.call(SetParameters, f"/{node}/set_parameters", req, timeout).results)
+        return results
+
+    def get_parameters(self, node: str, names: list[str], timeout: float = 5.0) -> list:
+        """The values of ``names`` on ``node`` (Python values; None for an unset one)."""
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        resp = self.call(GetParameters, f"/{node}/get_parameters", GetParameters.Request(names=names), timeout,
+                         retry=True)
+        return [parameter_value_to_python(v) for v in resp.values]
+
+    def lifecycle_state(self, node: str, timeout: float = 5.0) -> str:
+        """The lifecycle state label of ``node`` (e.g. "unconfigured", "active")."""
+        from lifecycle_msgs.srv import GetState
+
+        return self.call(GetState, f"/{node}/get_state", GetState.Request(), timeout, retry=True).current_state.label
+
+    def change_state(self, node: str, transition: str, timeout: float = 10.0) -> bool:
+        """``ros2 lifecycle set <node> <transition>`` (configure, activate, deactivate, cleanup); its success."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        req = ChangeState.Request()
+        req.transition.id = getattr(Transition, f"TRANSITION_{transition.upper()}")
+        self.wait_answering(node, timeout)
+        return bool(self.call(ChangeState, f"/{node}/change_state", req, timeout).success)
+
+    def endpoint_gids(self, topic: str, kind: str = "subscriptions") -> set[bytes]:
+        """GIDs of the publishers or subscriptions on ``topic`` in the ROS graph (stale ones included)."""
+        info = (self.node.get_subscriptions_info_by_topic if kind == "subscriptions"
+                else self.node.get_publishers_info_by_topic)(topic)
+        return {bytes(e.endpoint_gid) for e in info}
+
+    def wait_new_endpoint(self, topic: str, known: set[bytes], timeout: float, kind: str = "subscriptions") -> None:
+        """Until the graph shows an endpoint on ``topic`` that is not in ``known`` (a restarted node's)."""
+        self.wait_for(lambda: bool(self.endpoint_gids(topic, kind) - known), timeout,
+                      f"a new {kind[:-1]} on {topic}")
 
     def close(self) -> None:
         self._running = False
         self._thread.join(2.0)
         self._executor.remove_node(self.node)
         self.node.destroy_node()
+
+
+class MatchedPublisher:
+    """A publisher that counts the subscriptions it matched, in the writer's own view.
+
+    On a volatile topic a message published before the subscriber's reader matched is lost, and
+    ``get_subscription_count()`` cannot tell a restarted node's subscription from the one of the
+    SIGKILLed process it replaces (DDS keeps a dead participant's endpoints until its lease runs
+    out). The matched event's running total can: take ``total`` before (re)starting a node and
+    :meth:`wait_new_match` for it to grow.
+    """
+
+    def __init__(self, probe: Probe, msg_type, topic: str, qos) -> None:
+        from rclpy.event_handler import PublisherEventCallbacks
+
+        self._probe = probe
+        self.topic = topic
+        self.total = 0  # subscriptions matched so far (never decreases)
+        self.current = 0  # matched now, dead-but-not-expired ones included
+        self.matched_at = 0.0  # monotonic time of the last match event
+        self.published_at = 0.0  # monotonic time of the last publish
+        self.pub = probe.node.create_publisher(msg_type, topic, qos,
+                                               event_callbacks=PublisherEventCallbacks(matched=self._on_matched))
+
+    def _on_matched(self, info) -> None:
+        with self._probe._cond:
+            self.total, self.current = info.total_count, info.current_count
+            self.matched_at = time.monotonic()
+            self._probe._cond.notify_all()
+
+    def wait_new_match(self, baseline: int, timeout: float, proc: subprocess.Popen | None = None, n: int = 1) -> None:
+        """Until ``n`` subscriptions beyond the first ``baseline`` matched (or ``proc`` exited).
+
+        Count every subscriber a start brings: DDS discovery of a fresh process matches endpoints
+        piecemeal and now and then only after its next periodic announcement (seconds later).
+        """
+        self._probe.wait_for(lambda: self.total >= baseline + n or (proc is not None and proc.poll() is not None),
+                             timeout, f"{n} new subscription(s) on {self.topic} to match")
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited with {proc.returncode} before it subscribed to {self.topic}")
+
+    def wait_delivered(self, baseline: int, timeout: float, proc: subprocess.Popen | None = None, n: int = 1,
+                       flow_s: float = 0.15) -> None:
+        """:meth:`wait_new_match`, then until this periodic publisher kept publishing for ``flow_s`` after
+        the last match: the writer matches first, and a best-effort reader drops what arrives before
+        it matched the writer in turn (usually within milliseconds)."""
+        self.wait_new_match(baseline, timeout, proc, n)
+        self._probe.wait_for(lambda: self.published_at > self.matched_at + flow_s, timeout,
+                             f"{flow_s} s of publishing on {self.topic}")
+
+    def publish(self, msg) -> float:
+        """Publish ``msg``; returns the monotonic time just before."""
+        t = time.monotonic()
+        self.pub.publish(msg)
+        self.published_at = t
+        return t
+
+
+class GoalClient:
+    """An ExecuteInstruction action client on the probe node: send, cancel, wait for results."""
+
+    def __init__(self, probe: Probe, action: str = "/rt2_policy/execute_instruction") -> None:
+        from rclpy.action import ActionClient
+
+        from rt2_ros_interfaces.action import ExecuteInstruction
+
+        self._probe = probe
+        self.Goal = ExecuteInstruction.Goal
+        self.Result = ExecuteInstruction.Result
+        self.client = ActionClient(probe.node, ExecuteInstruction, action)
+        self.feedback: list = []
+
+    def _on_feedback(self, msg) -> None:
+        with self._probe._cond:
+            self.feedback.append((time.monotonic(), msg.feedback))
+            self._probe._cond.notify_all()
+
+    def send(self, instruction: str, time_limit_s: float = 0.0, timeout: float = 15.0):
+        """Send a goal; returns (goal handle, monotonic send time). AssertionError unless accepted."""
+        if not self.client.wait_for_server(timeout_sec=timeout):
+            raise AssertionError(f"no ExecuteInstruction server within {timeout:.1f} s")
+        t = time.monotonic()
+        future = self.client.send_goal_async(self.Goal(instruction=instruction, time_limit_s=float(time_limit_s)),
+                                             feedback_callback=self._on_feedback)
+        self._probe.wait_for(future.done, timeout, f"goal {instruction!r} to be accepted or rejected")
+        handle = future.result()
+        assert handle is not None and handle.accepted, f"goal {instruction!r} was rejected"
+        return handle, t
+
+    def result(self, handle, timeout: float):
+        """(GoalStatus code, ExecuteInstruction.Result) of ``handle`` once it ended."""
+        future = handle.get_result_async()
+        self._probe.wait_for(future.done, timeout, "the goal's result")
+        wrapped = future.result()
+        return wrapped.status, wrapped.result
+
+    def destroy(self) -> None:
+        self.client.destroy()

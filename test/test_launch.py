@@ -15,6 +15,12 @@ probe waits until the nodes are up and their topics flow (ReadyToTest, WaitForTo
 a scenario, stops the launch with SIGINT as Ctrl-C does, then checks every exit code
 (assertExitCodes). The nodes run the working tree's code (PYTHONPATH), the executables and the
 ament index entry are the installed ones.
+
+rt2_safety and rt2_policy are managed (lifecycle) nodes: the probe asks their state with
+lifecycle_msgs/srv/GetState and, with ``autostart:=false``, takes them to active itself with
+ChangeState, as ``ros2 lifecycle set`` or a lifecycle manager does. Tasks go in as
+ExecuteInstruction goals to /rt2_policy/execute_instruction, or (the teleop path) on the volatile
+``instruction`` topic once the policy node's subscription matched the probe's publisher.
 """
 
 from __future__ import annotations
@@ -73,19 +79,22 @@ if __name__ == "__main__":
 rclpy = pytest.importorskip("rclpy")
 
 import numpy as np  # noqa: E402
+from action_msgs.msg import GoalStatus  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS  # noqa: E402
-from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
-from test.ros_helpers import Probe, isolate_ros_domain, write_params  # noqa: E402
+from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
+from rt2_ros_interfaces.msg import ActionTokens, ArmAction, Episode, SafetyStatus  # noqa: E402
+from test.ros_helpers import GoalClient, MatchedPublisher, Probe, isolate_ros_domain, write_params  # noqa: E402
 
 MOVE_X = "0 160 128 128 128 128 128 0"  # +x, gripper open (rt2 profile)
 TERMINATE = "1 128 128 128 128 128 128 0"
 SAFETY = {"safety.watchdog_timeout_s": 0.6, "safety.command_rate_hz": 30.0}
 EXECUTABLES = ("policy_node", "safety_node", "sim_node")
+MANAGED = ("rt2_safety", "rt2_policy")
+NO_EPISODE = bytes(16)
 
 
 def installed_prefix() -> Path | None:
@@ -157,6 +166,7 @@ def probe():
     p.record(TwistStamped, "/servo_node/delta_twist_cmds", COMMAND_QOS, "twist")
     p.record(ArmAction, "/arm_action", ACTION_QOS, "action")
     p.record(SafetyStatus, "/rt2_safety/status", LATCHED_QOS, "status")
+    p.record(Episode, "/episode", EVENT_QOS, "episode")
     p.record(ActionTokens, "/rt2_policy/action_tokens", 10, "tokens")
     p.record(Image, "/camera/image", qos_profile_sensor_data, "image")
     p.record(PoseStamped, "/ee_pose", qos_profile_sensor_data, "ee_pose")
@@ -166,25 +176,39 @@ def probe():
 
 @pytest.fixture
 def operator(probe):
-    """The instruction publisher, one per test: its latched last instruction must not start the next launch."""
-    pub = probe.node.create_publisher(String, "/instruction", LATCHED_QOS)
+    """The instruction publisher, one per test, volatile like the nodes' subscription: a message
+    reaches only a policy node whose subscription matched before it was sent (``total`` counts)."""
+    pub = probe.publisher(String, "/instruction", EVENT_QOS)
     yield pub
-    probe.node.destroy_publisher(pub)
+    probe.node.destroy_publisher(pub.pub)
+
+
+@pytest.fixture
+def goals(probe):
+    client = GoalClient(probe)
+    yield client
+    client.destroy()
 
 
 @pytest.fixture
 def sensors(probe):
-    """The probe plays camera and arm driver (tests without the simulated arm)."""
+    """The probe plays camera and arm driver (tests without the simulated arm); fresh publishers per test."""
     stop_publishing = probe.publish_fake_sensors()
     yield
     stop_publishing()
 
 
-def scripted_params(tmp_path: Path, answers: list[str], repeat: bool = False) -> Path:
+def scripted_params(tmp_path: Path, answers: list[str], repeat: bool = False, policy: dict | None = None,
+                    safety: dict | None = None) -> Path:
     # backend.type stays "embedded" here: the tests select the scripted backend with backend:=scripted.
-    policy = {"backend.type": "embedded", "backend.timeout_s": 3.0, "backend.scripted.answers": answers,
-              "backend.scripted.delays_s": [0.0], "backend.scripted.repeat": repeat, "policy.execute_rate_hz": 10.0}
-    return write_params(tmp_path / "params.yaml", policy=policy, safety=SAFETY)
+    base = {"backend.type": "embedded", "backend.timeout_s": 3.0, "backend.scripted.answers": answers,
+            "backend.scripted.delays_s": [0.0], "backend.scripted.repeat": repeat, "policy.execute_rate_hz": 10.0}
+    return write_params(tmp_path / "params.yaml", policy={**base, **(policy or {})},
+                        safety={**SAFETY, **(safety or {})})
+
+
+def uid(msg_uuid) -> bytes:
+    return bytes(bytearray(msg_uuid.uuid))
 
 
 def latest_status(probe: Probe) -> SafetyStatus | None:
@@ -192,22 +216,37 @@ def latest_status(probe: Probe) -> SafetyStatus | None:
     return msgs[-1][1] if msgs else None
 
 
-def wait_ready(probe: Probe, operator, proc: subprocess.Popen, sim: bool = False) -> None:
-    """ReadyToTest: the safety node's latched status arrived, both nodes subscribe to instructions."""
-    t0 = time.monotonic()
+def states(probe: Probe, timeout: float = 5.0) -> dict[str, str]:
+    """GetState of both managed nodes: {node: label}."""
+    return {node: probe.lifecycle_state(node, timeout) for node in MANAGED}
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            return True
-        up = latest_status(probe) is not None and operator.get_subscription_count() >= 2
-        return up and (not sim or (bool(probe.since("image", t0)) and bool(probe.since("ee_pose", t0))))
 
-    probe.wait_for(ready, 30.0, "the launched nodes to come up")
+def wait_ready(probe: Probe, operator: MatchedPublisher, proc: subprocess.Popen, t0: float, sim: bool = False) -> None:
+    """ReadyToTest for ``autostart:=true``: both managed nodes report ``active`` (GetState), the
+    safety node's status of this launch arrived, the policy node's instruction subscription
+    matched the probe's publisher, and the sensors reach the nodes (the probe's own publishers
+    matched every subscriber and published since; with ``sim`` the simulated arm's topics flow)."""
+    def up() -> bool:
+        return proc.poll() is not None or (bool(probe.since("status", t0)) and operator.total >= 1)
+
+    probe.wait_for(up, 30.0, "the launched nodes to come up")
     assert proc.poll() is None, "the launch exited early"
+    if sim:  # WaitForTopics: camera/image and ee_pose from rt2_sim
+        probe.wait_for(lambda: bool(probe.since("image", t0)) and bool(probe.since("ee_pose", t0)), 30.0,
+                       "camera/image and ee_pose from the simulated arm")
+    else:  # the policy node subscribes to camera/image, both nodes to ee_pose
+        probe.image_pub.wait_delivered(0, 10.0, proc, n=1)
+        probe.pose_pub.wait_delivered(0, 10.0, proc, n=2)
+    assert states(probe) == {"rt2_safety": "active", "rt2_policy": "active"}
 
 
 def linear(tw: TwistStamped) -> np.ndarray:
     return np.array([tw.twist.linear.x, tw.twist.linear.y, tw.twist.linear.z])
+
+
+def is_zero(tw: TwistStamped) -> bool:
+    a = tw.twist.angular
+    return bool(np.allclose(linear(tw), 0.0) and np.allclose([a.x, a.y, a.z], 0.0))
 
 
 def wait(probe: Probe, predicate, timeout: float, what: str, t0: float) -> None:
@@ -217,14 +256,48 @@ def wait(probe: Probe, predicate, timeout: float, what: str, t0: float) -> None:
     except AssertionError as exc:
         st = latest_status(probe)
         status = (f"{st.state_name} reasons={list(st.reasons)} accepted={st.actions_accepted} "
-                  f"rejected={st.actions_rejected} clipped={st.actions_clipped} watchdog_trips={st.watchdog_trips}"
+                  f"rejected={st.actions_rejected} clipped={st.actions_clipped} watchdog_trips={st.watchdog_trips} "
+                  f"drops={dict(zip(st.drop_causes, st.drop_counts, strict=True))}"
                   if st else "none")
         plus_x = sum(1 for t in probe.since("twist", t0) if linear(t)[0] > 1e-3)
         raise AssertionError(
-            f"{exc}; since the instruction: {len(probe.since('tokens', t0))} replies, "
-            f"{len(probe.since('action', t0))} actions, {len(probe.since('twist', t0))} twists ({plus_x} +x), "
-            f"{len(probe.since('image', t0))} images, {len(probe.since('ee_pose', t0))} poses; "
-            f"safety status {status}") from None
+            f"{exc}; since {t0:.2f}: {len(probe.since('episode', t0))} episode announcements, "
+            f"{len(probe.since('tokens', t0))} replies, {len(probe.since('action', t0))} actions, "
+            f"{len(probe.since('twist', t0))} twists ({plus_x} +x), {len(probe.since('image', t0))} images, "
+            f"{len(probe.since('ee_pose', t0))} poses; safety status {status}") from None
+
+
+def wait_held(probe: Probe, t0: float, n: int, what: str) -> list[TwistStamped]:
+    """At least ``n`` keep-alive twists after ``t0``, every one of them zero; returns them."""
+    wait(probe, lambda: len(probe.since("twist", t0)) >= n, 5.0, f"{n} twists ({what})", t0)
+    window = probe.since("twist", t0)
+    moving = [linear(t) for t in window if not is_zero(t)]
+    assert not moving, f"{what}: {len(moving)} of {len(window)} twists move, e.g. {moving[0]}"
+    return window
+
+
+def take_episode(probe: Probe, send, attempts: int = 3) -> tuple[object, float, bytes]:
+    """Start an episode with ``send()`` until the safety node takes it (its status names a new episode).
+
+    The probe saw its own endpoints match, not the two nodes' with each other: the policy node's
+    episode announcement can reach a safety node that has not discovered the publisher yet and be
+    lost (the episode then ends in FAULT when nobody acknowledges it); like an operator, send again.
+    Returns (what ``send`` returned, its send time, the episode id).
+    """
+    for attempt in range(1, attempts + 1):
+        known = {uid(m.episode_id) for _, m in probe.messages["status"]} | {NO_EPISODE}
+        t = time.monotonic()
+        sent = send()
+        try:
+            probe.wait_for(lambda known=known: (st := latest_status(probe)) is not None
+                           and uid(st.episode_id) not in known, 3.0, "the safety node to take the episode")
+        except AssertionError:
+            if attempt == attempts:
+                raise
+            print(f"\nattempt {attempt}: the safety node did not take the episode; sending again", flush=True)
+            continue
+        return sent, t, uid(latest_status(probe).episode_id)
+    raise AssertionError("unreachable")
 
 
 def test_install_is_what_ros2_launch_finds():
@@ -240,34 +313,42 @@ def test_install_is_what_ros2_launch_finds():
     assert configs and {p.relative_to(share / "config") for p in (share / "config").rglob("*.yaml")} >= configs
 
 
-def test_launch_moves_the_arm_then_terminate_holds(probe, operator, sensors, tmp_path):
+def test_autostart_activates_both_nodes_and_a_goal_moves_the_arm_then_terminate_holds(
+        probe, operator, goals, sensors, tmp_path):
     params = scripted_params(tmp_path, [MOVE_X] * 5 + [TERMINATE])
+    t_launch = time.monotonic()
     with launched(tmp_path, f"params_file:={params}", "backend:=scripted") as proc:
-        wait_ready(probe, operator, proc)
-        t0 = time.monotonic()
-        operator.publish(String(data="push the block forward"))
-        wait(probe, lambda: any(a.terminate for a in probe.since("action", t0)), 20.0, "the terminate action", t0)
+        wait_ready(probe, operator, proc, t_launch)  # GetState: both nodes active without anybody's help
+        (handle, _), t0, episode = take_episode(probe, lambda: goals.send("push the block forward", time_limit_s=20.0))
+        status, result = goals.result(handle, 20.0)
+        assert (status, result.outcome_name) == (GoalStatus.STATUS_SUCCEEDED, "TERMINATED"), \
+            (status, result.outcome_name, result.message)
+        assert uid(result.episode_id) == episode and result.steps == 6, (result.steps, result.message)
         # backend:=scripted replaced the params file's embedded backend: the script's tokens came out.
         assert [list(t.tokens) for t in probe.since("tokens", t0)][:1] == [[int(x) for x in MOVE_X.split()]]
-        moves = [a for a in probe.since("action", t0) if not a.terminate]
+        actions = [a for a in probe.since("action", t0) if uid(a.episode_id) == episode]
+        moves = [a for a in actions if not a.terminate]
         assert len(moves) == 5 and all(a.translation.x > 0.005 and abs(a.translation.y) < 1e-3 for a in moves)
+        assert len(actions) == 6 and actions[-1].terminate
         assert any(linear(t)[0] > 1e-3 for t in probe.since("twist", t0)), "no +x twist reached the controller"
         wait(probe, lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.TERMINATED,
              5.0, "TERMINATED status", t0)
-        t_term = time.monotonic()
-        wait(probe, lambda: len(probe.since("twist", t_term)) >= 10, 5.0, "keep-alive twists after terminate", t0)
-        assert all(np.allclose(linear(t), 0.0) for t in probe.since("twist", t_term))
+        assert uid(latest_status(probe).episode_id) == episode
+        assert any(fb.phase == "running" for _, fb in goals.feedback), [fb.phase for _, fb in goals.feedback]
+        wait_held(probe, time.monotonic(), 10, "keep-alive twists after terminate")
+        assert states(probe) == {"rt2_safety": "active", "rt2_policy": "active"}
     # assertExitCodes: the launch and every node it started ended cleanly on SIGINT.
     assert (proc.returncode, exit_codes(tmp_path)) == (0, {"policy_node": 0, "safety_node": 0}), launch_log(tmp_path)
 
 
 def test_sim_true_closes_the_loop_with_the_simulated_arm(probe, operator, tmp_path):
     params = scripted_params(tmp_path, [MOVE_X], repeat=True)
+    t_launch = time.monotonic()
     with launched(tmp_path, f"params_file:={params}", "backend:=scripted", "sim:=true") as proc:
-        wait_ready(probe, operator, proc, sim=True)  # WaitForTopics: camera/image and ee_pose from rt2_sim
+        wait_ready(probe, operator, proc, t_launch, sim=True)
         x0 = probe.messages["ee_pose"][-1][1].pose.position.x
-        t0 = time.monotonic()
-        operator.publish(String(data="push the block forward"))
+        # The teleop path: a message on the volatile instruction topic (the subscription matched).
+        _, t0, _ = take_episode(probe, lambda: operator.publish(String(data="push the block forward")))
         # The scripted +x actions pass the safety node as twists and move the simulated gripper.
         wait(probe, lambda: any(m.pose.position.x > x0 + 0.01 for m in probe.since("ee_pose", t0)), 15.0,
              "the simulated gripper to move 1 cm in +x", t0)
@@ -275,19 +356,90 @@ def test_sim_true_closes_the_loop_with_the_simulated_arm(probe, operator, tmp_pa
         launch_log(tmp_path)
 
 
-def test_a_node_config_error_shuts_the_whole_launch_down(tmp_path):
+def test_autostart_false_leaves_both_unconfigured_until_change_state_activates_them(
+        probe, operator, goals, sensors, tmp_path):
+    params = scripted_params(tmp_path, [MOVE_X] * 3 + [TERMINATE])
+    t_launch = time.monotonic()
+    with launched(tmp_path, f"params_file:={params}", "backend:=scripted", "autostart:=false") as proc:
+        # GetState answers as soon as a node is up (its lifecycle services exist from the start).
+        for node in MANAGED:
+            assert probe.lifecycle_state(node, timeout=30.0) == "unconfigured", node
+        assert proc.poll() is None, "the launch exited early"
+        # A goal sent to an unconfigured policy node is refused (its action server exists already).
+        assert goals.client.wait_for_server(timeout_sec=10.0), "no ExecuteInstruction server"
+        sent = goals.client.send_goal_async(goals.Goal(instruction="too early", time_limit_s=5.0))
+        probe.wait_for(sent.done, 10.0, "the goal response")
+        assert not sent.result().accepted, "an unconfigured policy node accepted a goal"
+        time.sleep(1.0)  # absence can only be observed over time
+        assert probe.since("twist", t_launch) == [], "an unconfigured safety node published twists"
+        assert probe.since("status", t_launch) == [], "an unconfigured safety node published its status"
+        assert operator.total == 0, "an unconfigured policy node subscribes to instructions"
+        assert states(probe) == {"rt2_safety": "unconfigured", "rt2_policy": "unconfigured"}
+
+        # ChangeState configure: inactive; the safety node holds with zero twists from now on.
+        t_conf = time.monotonic()
+        assert probe.change_state("rt2_safety", "configure")
+        assert probe.lifecycle_state("rt2_safety") == "inactive"
+        wait(probe, lambda: any(s.state_name == "INACTIVE" for s in probe.since("status", t_conf)), 5.0,
+             "INACTIVE status after configure", t_conf)
+        wait_held(probe, t_conf, 10, "inactive safety node")
+        # ChangeState activate: active, IDLE, still zero twists (no episode yet).
+        t_act = time.monotonic()
+        assert probe.change_state("rt2_safety", "activate")
+        wait(probe, lambda: (s := latest_status(probe)) is not None and s.state_name == "IDLE", 5.0,
+             "IDLE status after activate", t_act)
+        assert probe.change_state("rt2_policy", "configure")
+        assert probe.lifecycle_state("rt2_policy") == "inactive"
+        assert probe.change_state("rt2_policy", "activate")
+        assert states(probe) == {"rt2_safety": "active", "rt2_policy": "active"}
+        wait_held(probe, t_act, 10, "active safety node without an episode")
+        operator.wait_new_match(0, 10.0, proc)  # the policy node subscribes to instructions once configured
+        probe.image_pub.wait_delivered(0, 10.0, proc, n=1)
+        probe.pose_pub.wait_delivered(0, 10.0, proc, n=2)
+
+        # The managed system works like an autostarted one: a goal runs to TERMINATED.
+        (handle, _), t0, episode = take_episode(probe, lambda: goals.send("push the block forward", time_limit_s=20.0))
+        status, result = goals.result(handle, 20.0)
+        assert (status, result.outcome_name) == (GoalStatus.STATUS_SUCCEEDED, "TERMINATED"), \
+            (status, result.outcome_name, result.message)
+        assert uid(result.episode_id) == episode
+        assert any(linear(t)[0] > 1e-3 for t in probe.since("twist", t0)), "no +x twist reached the controller"
+    assert (proc.returncode, exit_codes(tmp_path)) == (0, {"policy_node": 0, "safety_node": 0}), launch_log(tmp_path)
+
+
+@pytest.mark.parametrize("arguments, safety, key, codes", [
+    (["backend:=telepathy"], {}, "backend.type", {"policy_node": 2, "safety_node": 0}),
+    (["backend:=scripted"], {"safety.workspace_min": [0.8, 0.5, 0.6]}, "safety.workspace_min",
+     {"policy_node": 0, "safety_node": 2}),
+], ids=["policy", "safety"])
+def test_a_node_config_error_under_autostart_shuts_the_whole_launch_down(tmp_path, arguments, safety, key, codes):
     isolate_ros_domain()
-    params = scripted_params(tmp_path, [MOVE_X])
-    with launched(tmp_path, f"params_file:={params}", "backend:=telepathy") as proc:
-        rc = proc.wait(30)  # nobody stops it: the required policy node's exit ends the launch
+    params = scripted_params(tmp_path, [MOVE_X], safety=safety)
+    with launched(tmp_path, f"params_file:={params}", *arguments) as proc:
+        rc = proc.wait(30)  # nobody stops it: the required node's exit ends the launch
     log = launch_log(tmp_path)
-    assert "backend.type" in log and "telepathy" in log, log
-    assert (rc, exit_codes(tmp_path)) == (0, {"policy_node": 2, "safety_node": 0}), log
+    assert "configuration error" in log and key in log, log
+    assert "was required: shutting down launched system" in log, log
+    assert (rc, exit_codes(tmp_path)) == (0, codes), log
+
+
+def test_a_config_error_without_autostart_leaves_the_node_unconfigured(probe, tmp_path):
+    """Under a lifecycle manager a bad value fails the configure transition; the process stays up."""
+    params = scripted_params(tmp_path, [MOVE_X])
+    with launched(tmp_path, f"params_file:={params}", "backend:=telepathy", "autostart:=false") as proc:
+        assert probe.lifecycle_state("rt2_policy", timeout=30.0) == "unconfigured"
+        assert not probe.change_state("rt2_policy", "configure")
+        assert probe.lifecycle_state("rt2_policy") == "unconfigured"
+        probe.wait_for(lambda: "backend.type" in launch_log(tmp_path), 5.0, "the key in the launch log")
+        assert "telepathy" in launch_log(tmp_path)
+        assert proc.poll() is None, "the launch ended on a failed configure without autostart"
+    assert (proc.returncode, exit_codes(tmp_path)) == (0, {"policy_node": 0, "safety_node": 0}), launch_log(tmp_path)
 
 
 @pytest.mark.parametrize("arguments, expected", [
     (["params_file:=/nonexistent/rt2.yaml"], "params file not found: /nonexistent/rt2.yaml"),
     (["sim:=ture"], "sim:='ture': expected true or false"),
+    (["autostart:=maybe"], "autostart:='maybe': expected true or false"),
     (["extra_params_file:={typo}"], "unknown node 'rt2_polcy'"),
     (["extra_params_file:={broken}"], "not valid YAML"),
 ])

@@ -23,9 +23,18 @@ from geometry_msgs.msg import TwistStamped  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS  # noqa: E402
+from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
-from test.ros_helpers import REPO, Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
+from test.ros_helpers import (  # noqa: E402
+    NO_EPISODE,
+    REPO,
+    Probe,
+    isolate_ros_domain,
+    start_bringup,
+    stop,
+    uid,
+    write_params,
+)
 
 MOVE_X = "0 160 128 128 128 128 128 0"  # +x, gripper open (rt2 profile)
 TERMINATE = "1 128 128 128 128 128 128 0"
@@ -41,39 +50,44 @@ def probe():
     p.record(SafetyStatus, "/rt2_safety/status", LATCHED_QOS, "status")
     p.record(ActionTokens, "/rt2_policy/action_tokens", 10, "tokens")
     p.publish_fake_sensors()  # the probe is the camera and the arm driver
-    p.instruction_pub = p.node.create_publisher(String, "/instruction", LATCHED_QOS)
+    # Instructions are volatile: publish only once the policy's subscription matched (wait_ready).
+    p.instruction = p.publisher(String, "/instruction", EVENT_QOS)
+    p.straggler = p.publisher(ArmAction, "/arm_action", ACTION_QOS)  # plays a policy that did not stop
     yield p
     p.close()
 
 
-def run_stack(tmp_path, answers, delays=(0.0,), policy_extra=None, safety_extra=None):
+def start_stack(probe, tmp_path, answers, delays=(0.0,), policy_extra=None, safety_extra=None):
+    """rt2-bringup with the scripted backend; remembers the probe's match totals before the start."""
     policy = {"backend.type": "scripted", "backend.timeout_s": 3.0, "backend.scripted.answers": list(answers),
               "backend.scripted.delays_s": list(delays), "backend.scripted.repeat": False,
               "policy.execute_rate_hz": 10.0, **(policy_extra or {})}
     params = write_params(tmp_path / "params.yaml", policy=policy, safety={**SAFETY, **(safety_extra or {})})
-    return start_bringup(params, log=tmp_path / "bringup.log")
+    baselines, started_at = probe.match_baselines("both"), time.monotonic()
+    proc = start_bringup(params, log=tmp_path / "bringup.log")
+    proc.baselines, proc.started_at = baselines, started_at
+    return proc
 
 
 def latest_status(probe):
-    msgs = probe.messages["status"]
-    return msgs[-1][1] if msgs else None
+    return probe.latest("status")
 
 
 def wait_ready(probe, proc, tmp_path):
-    """Until the safety node's latched status arrived and the policy subscribes to instructions."""
-    try:
-        probe.wait_for(lambda: proc.poll() is not None or (
-            latest_status(probe) is not None and probe.instruction_pub.get_subscription_count() >= 2),
-            20.0, "rt2-bringup nodes to come up")
-        assert proc.poll() is None, "rt2-bringup exited"
-    except AssertionError:
-        raise AssertionError((tmp_path / "bringup.log").read_text()) from None
+    """Until the safety node's latched status arrived and both nodes' subscriptions to the probe's
+    publishers (ee_pose, camera, instruction, arm_action) matched."""
+    probe.wait_started(proc, "both", proc.baselines, proc.started_at, tmp_path / "bringup.log")
 
 
 def say(probe, text: str) -> float:
-    t0 = time.monotonic()
-    probe.instruction_pub.publish(String(data=text))
-    return t0
+    """Publish an instruction; returns the monotonic time just before."""
+    return probe.instruction.publish(String(data=text))
+
+
+def begin(probe, text: str) -> tuple[float, bytes]:
+    """Send ``text`` until the safety node takes its episode (Probe.take_episode); (send time, episode id)."""
+    _, t0, ep, _ = probe.take_episode(lambda: say(probe, text))
+    return t0, ep
 
 
 def linear(tw) -> np.ndarray:
@@ -81,24 +95,23 @@ def linear(tw) -> np.ndarray:
 
 
 def test_actions_move_the_arm_then_terminate_holds(probe, tmp_path):
-    proc = run_stack(tmp_path, [MOVE_X] * 5 + [TERMINATE])
+    proc = start_stack(probe, tmp_path, [MOVE_X] * 5 + [TERMINATE])
     try:
         wait_ready(probe, proc, tmp_path)
-        t0 = say(probe, "push the block forward")
+        t0, ep = begin(probe, "push the block forward")
         probe.wait_for(lambda: any(a.terminate for a in probe.since("action", t0)), 20.0, "the terminate action")
         actions = probe.since("action", t0)
         moves = [a for a in actions if not a.terminate]
         assert len(moves) == 5
-        ep = moves[0].episode_id
-        assert all(a.episode_id == ep for a in actions)
+        assert all(uid(a.episode_id) == ep for a in actions)
         # bin 128 is not exactly zero in the RT-1 discretisation (zero lies at 127.5): 0.6 mm
         assert all(a.translation.x > 0.005 and abs(a.translation.y) < 1e-3 for a in moves)
         # The controller saw motion in +x, freshly stamped ...
         twists = probe.since("twist", t0)
         assert any(linear(t)[0] > 1e-3 for t in twists), "no +x twist reached the controller"
         # ... and after terminate: status TERMINATED and only zero twists.
-        probe.wait_for(lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.TERMINATED,
-                       5.0, "TERMINATED status")
+        probe.wait_for(lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.TERMINATED
+                       and uid(s.episode_id) == ep, 5.0, "TERMINATED status of the episode")
         t_term = time.monotonic()
         probe.wait_for(lambda: len(probe.since("twist", t_term)) >= 10, 5.0, "keep-alive twists after terminate")
         after = probe.since("twist", t_term)
@@ -114,10 +127,10 @@ def test_actions_move_the_arm_then_terminate_holds(probe, tmp_path):
 
 def test_late_reply_is_not_executed(probe, tmp_path):
     # Every answer takes 1.0 s, but a frame may be at most 0.4 s old when its reply arrives.
-    proc = run_stack(tmp_path, [MOVE_X], delays=[1.0], policy_extra={"policy.max_reply_age_s": 0.4})
+    proc = start_stack(probe, tmp_path, [MOVE_X], delays=[1.0], policy_extra={"policy.max_reply_age_s": 0.4})
     try:
         wait_ready(probe, proc, tmp_path)
-        t0 = say(probe, "move")
+        t0, _ = begin(probe, "move")
         probe.wait_for(lambda: len(probe.since("tokens", t0)) >= 2, 10.0, "two (late) replies")
         assert probe.since("action", t0) == [], "a late reply was executed"
         assert all(np.allclose(linear(t), 0.0) for t in probe.since("twist", t0))
@@ -128,10 +141,10 @@ def test_late_reply_is_not_executed(probe, tmp_path):
 
 def test_watchdog_halts_when_backend_stalls(probe, tmp_path):
     # Three quick answers, then the backend stalls (10 s > timeout 3 s).
-    proc = run_stack(tmp_path, [MOVE_X] * 3 + [MOVE_X], delays=[0.0, 0.0, 0.0, 10.0])
+    proc = start_stack(probe, tmp_path, [MOVE_X] * 3 + [MOVE_X], delays=[0.0, 0.0, 0.0, 10.0])
     try:
         wait_ready(probe, proc, tmp_path)
-        t0 = say(probe, "move and stall")
+        t0, _ = begin(probe, "move and stall")
         probe.wait_for(lambda: len(probe.since("action", t0)) >= 3, 10.0, "three actions")
         t_last = probe.messages["action"][-1][0]
         probe.wait_for(lambda: (s := latest_status(probe)) is not None and s.state == SafetyStatus.HOLDING,
@@ -149,10 +162,10 @@ def test_watchdog_halts_when_backend_stalls(probe, tmp_path):
 
 
 def test_estop_wins_until_reset(probe, tmp_path):
-    proc = run_stack(tmp_path, [MOVE_X] * 200, policy_extra={"policy.execute_rate_hz": 10.0})
+    proc = start_stack(probe, tmp_path, [MOVE_X] * 200, policy_extra={"policy.execute_rate_hz": 10.0})
     try:
         wait_ready(probe, proc, tmp_path)
-        t0 = say(probe, "keep moving")
+        t0, ep = begin(probe, "keep moving")
         probe.wait_for(lambda: any(linear(m)[0] > 1e-3 for m in probe.since("twist", t0)), 10.0, "motion")
         client = probe.node.create_client(Trigger, "/rt2_safety/estop")
         assert client.wait_for_service(timeout_sec=5.0)
@@ -161,15 +174,27 @@ def test_estop_wins_until_reset(probe, tmp_path):
         assert future.result().success
         t_stop = time.monotonic()
         probe.wait_for(lambda: latest_status(probe).state == SafetyStatus.ESTOPPED, 5.0, "ESTOPPED")
-        # Actions keep coming from the policy, yet every twist after the e-stop (+ DDS) is zero.
-        probe.wait_for(lambda: len(probe.since("action", t_stop)) >= 5, 5.0, "actions during e-stop")
+        # The policy ends its episode on the e-stop; actions of it that keep coming (a policy that has
+        # not heard yet, played by the probe) are ignored, and every twist after the e-stop is zero.
+        for i in range(5):
+            action = ArmAction(observation_seq=10**6 + i)
+            action.header.frame_id = "panda_link0"
+            action.episode_id.uuid = list(ep)
+            action.translation.x = 0.02
+            probe.straggler.publish(action)
+        probe.wait_for(lambda: dict(zip(latest_status(probe).drop_causes, latest_status(probe).drop_counts,
+                                        strict=True)).get("ignored:estopped", 0) >= 5, 5.0, "5 ignored actions")
+        probe.wait_for(lambda: len(probe.since("twist", t_stop + 0.1)) >= 10, 5.0, "twists during the e-stop")
         assert all(np.allclose(linear(m), 0.0) for m in probe.since("twist", t_stop + 0.1))
+        assert [a for a in probe.since("action", t_stop + 0.3) if a.observation_seq < 10**6] == [], \
+            "the policy kept publishing after the e-stop"
         reset = probe.node.create_client(Trigger, "/rt2_safety/reset")
         assert reset.wait_for_service(timeout_sec=5.0)
         f2 = reset.call_async(Trigger.Request())
         probe.wait_for(f2.done, 5.0, "reset reply")
         assert f2.result().success
         probe.wait_for(lambda: latest_status(probe).state == SafetyStatus.IDLE, 5.0, "IDLE after reset")
+        assert uid(latest_status(probe).episode_id) == NO_EPISODE
         # Still no motion until a new instruction.
         t_reset = time.monotonic()
         time.sleep(0.5)  # a window of twists to inspect: absence of motion can only be observed over time
@@ -204,18 +229,20 @@ def test_broken_yaml_is_reported(tmp_path):
 
 
 def test_new_instruction_cancels_episode(probe, tmp_path):
-    proc = run_stack(tmp_path, [MOVE_X] * 100)
+    proc = start_stack(probe, tmp_path, [MOVE_X] * 100)
     try:
         wait_ready(probe, proc, tmp_path)
-        t0 = say(probe, "first task")
+        t0, first_ep = begin(probe, "first task")
         probe.wait_for(lambda: len(probe.since("action", t0)) >= 2, 10.0, "first episode actions")
-        first_ep = probe.since("action", t0)[0].episode_id
+        assert {uid(a.episode_id) for a in probe.since("action", t0)} == {first_ep}
         t1 = say(probe, "second task")
         probe.wait_for(lambda: len(probe.since("action", t1 + 0.3)) >= 3, 10.0, "second episode actions")
         later = probe.since("action", t1 + 0.3)
-        assert later and all(a.episode_id == first_ep + 1 for a in later)
+        second_ep = uid(later[0].episode_id)
+        assert second_ep not in (first_ep, NO_EPISODE)
+        assert all(uid(a.episode_id) == second_ep for a in later)
         s = latest_status(probe)
-        assert s.instruction == "second task" and s.episode_id == first_ep + 1
+        assert s.instruction == "second task" and uid(s.episode_id) == second_ep
         assert not math.isnan(s.last_action_age_s)
     finally:
         stop(proc)
@@ -228,12 +255,12 @@ def _cli(module: str, *args: str, timeout: float = 60.0) -> subprocess.Completed
 
 
 def test_rt2_say_waits_for_the_outcome_and_rt2_status_reports(probe, tmp_path):
-    proc = run_stack(tmp_path, [MOVE_X] * 3 + [TERMINATE])
+    proc = start_stack(probe, tmp_path, [MOVE_X] * 3 + [TERMINATE])
     try:
         wait_ready(probe, proc, tmp_path)
         said = _cli("rt2_ros.nodes.say", "push it", "--wait", "--timeout", "30")
         assert said.returncode == 0, said.stdout + said.stderr
-        assert re.search(r"episode \d+ TERMINATED", said.stdout), said.stdout
+        assert re.search(r"episode [0-9a-f]{8} TERMINATED", said.stdout), said.stdout
         status = _cli("rt2_ros.nodes.status", "--once", "--wait", "15")
         assert status.returncode == 0, status.stderr
         assert "safety=TERMINATED" in status.stdout and "'push it'" in status.stdout

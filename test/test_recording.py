@@ -9,6 +9,7 @@ The DDS test runs ``rt2-record`` in its own process on an isolated domain.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -33,6 +34,8 @@ from mcap_ros2.decoder import DecoderFactory  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from rt2_ros import recording  # noqa: E402
+from rt2_ros.episode import short_id  # noqa: E402
+from rt2_ros.nodes.common import uuid_msg  # noqa: E402
 from rt2_ros.recording import (  # noqa: E402
     DEFAULT_TOPICS,
     EpisodeRecorder,
@@ -48,7 +51,7 @@ from rt2_ros.recording import (  # noqa: E402
     replay_main,
 )
 from rt2_ros.tokens import ActionTokenizer  # noqa: E402
-from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus  # noqa: E402
+from rt2_ros_interfaces.msg import ActionTokens, ArmAction, Episode, SafetyStatus  # noqa: E402
 from test.ros_helpers import REPO, Probe, isolate_ros_domain, stop  # noqa: E402
 
 # -- random messages of any type --------------------------------------------------------------------
@@ -64,6 +67,9 @@ def _value(type_text: str, rng: np.random.Generator, depth: int = 0):
         if seq.group(1) in ("uint8", "octet"):
             return bytes(int(b) for b in rng.integers(0, 256, size=n))
         return [_value(seq.group(1), rng, depth + 1) for _ in range(n)]
+    fixed = re.match(r"^(.+)\[(\d+)\]$", type_text)  # e.g. uint8[16], the bytes of a UUID
+    if fixed:
+        return [_value(fixed.group(1), rng, depth + 1) for _ in range(int(fixed.group(2)))]
     if type_text in _INT_RANGES:
         lo, hi = _INT_RANGES[type_text]
         return [lo, hi, 0, int(rng.integers(max(lo, -1000), min(hi, 1000) + 1))][int(rng.integers(0, 4))]
@@ -155,7 +161,8 @@ def test_definition_lists_every_dependency_once(type_name):
 
 
 @pytest.mark.parametrize("type_name", ["sensor_msgs/msg/Image", "rt2_ros_interfaces/msg/SafetyStatus",
-                                       "rt2_ros_interfaces/msg/ActionTokens", "visualization_msgs/msg/MarkerArray"])
+                                       "rt2_ros_interfaces/msg/ActionTokens", "rt2_ros_interfaces/msg/Episode",
+                                       "visualization_msgs/msg/MarkerArray"])
 def test_definition_without_msg_files_is_rebuilt_from_the_class(type_name, monkeypatch):
     from mcap_ros2._dynamic import generate_dynamic
     from rclpy.serialization import serialize_message
@@ -186,10 +193,10 @@ def test_channels_carry_qos_and_type_hash(tmp_path):
 def test_qos_kinds_match_the_nodes():
     from rclpy.qos import qos_profile_sensor_data
 
-    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, LATCHED_QOS
+    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS
 
     for kind, profile in {"latched": LATCHED_QOS, "action": ACTION_QOS, "command": COMMAND_QOS,
-                          "sensor_data": qos_profile_sensor_data}.items():
+                          "event": EVENT_QOS, "sensor_data": qos_profile_sensor_data}.items():
         spec = recording.QOS_KINDS[kind]
         assert (spec.history, spec.depth, spec.reliability, spec.durability) == (
             int(profile.history), profile.depth, int(profile.reliability), int(profile.durability)), kind
@@ -243,8 +250,10 @@ def test_bad_use_raises_clear_errors(tmp_path):
         EpisodeRecorder(tmp_path / "b.mcap", {"/x": "no_such_msgs/msg/Thing"})
     assert not (tmp_path / "b.mcap").exists(), "a failed start must not leave a half-made file"
     (tmp_path / "file.txt").write_text("")
-    with pytest.raises(RecordingError, match="cannot write"):
+    with pytest.raises(RecordingError, match=r"file.txt is a file, not a directory"):  # not "File exists"
         EpisodeRecorder(tmp_path / "file.txt" / "c.mcap", {"/instruction": String})
+    with pytest.raises(RecordingError, match=r"file.txt is a file, not a directory"):
+        EpisodeRecorder(tmp_path / "file.txt" / "deeper" / "c.mcap", {"/instruction": String})
     rec = EpisodeRecorder(tmp_path / "d.mcap", {"/instruction": String})
     with pytest.raises(RecordingError, match="not recorded"):
         rec.write("/other", String(data="x"))
@@ -295,8 +304,16 @@ def _pose_msg(x: float = 0.5, y: float = 0.0, z: float = 0.3) -> PoseStamped:
     return p
 
 
-def _action_msg(a, episode: int) -> ArmAction:
-    m = ArmAction(observation_seq=a.observation_seq, episode_id=episode, gripper=float(a.gripper),
+EP1, EP2 = bytes(range(1, 17)), bytes(range(101, 117))  # two episode ids (UUIDs)
+
+
+def _episode_msg(episode_id: bytes, active: bool = True, instruction: str = "pick up the cube",
+                 reason: str = "") -> Episode:
+    return Episode(episode_id=uuid_msg(episode_id), active=active, instruction=instruction, reason=reason)
+
+
+def _action_msg(a, episode: bytes) -> ArmAction:
+    m = ArmAction(observation_seq=a.observation_seq, episode_id=uuid_msg(episode), gripper=float(a.gripper),
                   gripper_relative=a.gripper_relative, terminate=a.terminate)
     m.translation.x, m.translation.y, m.translation.z = (float(v) for v in a.translation)
     m.rotation.x, m.rotation.y, m.rotation.z = (float(v) for v in a.rotation)
@@ -304,11 +321,12 @@ def _action_msg(a, episode: int) -> ArmAction:
 
 
 def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk_rows: int = 0,
-                 instructions: tuple = ((1, "pick up the cube"),), flush_period_s: float = 1.0) -> list:
-    """A recording as the nodes would produce it: instructions (log time offset ns, text), 50 Hz
-    ee_pose, one reply per 0.1 s from 0.2 s on (text answers; an invalid one gets no arm action;
-    the arm action follows its reply by 50 ms), statuses at both ends. Returns the recorded
-    ArmActions."""
+                 episodes: tuple = ((1, _episode_msg(EP1)),), episode_of=lambda offset_ns: EP1,
+                 poses: bool = True, flush_period_s: float = 1.0) -> list:
+    """A recording as the nodes would produce it: the instruction, episode announcements
+    (log time offset ns, Episode message), 50 Hz ee_pose (unless not ``poses``), one reply per 0.1 s from 0.2 s on (text
+    answers; an invalid one gets no arm action; the arm action follows its reply by 50 ms and
+    belongs to ``episode_of(its offset)``), statuses at both ends. Returns the recorded ArmActions."""
     params = dict(RECORDED if params is None else params)
     tok = ActionTokenizer.from_config({k: v for k, v in params.items() if k.startswith("tokenizer.")})
     duration_ns = (len(answers) + chunk_rows + 5) * 10**8
@@ -316,9 +334,10 @@ def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk
     with EpisodeRecorder(path, DEFAULT_TOPICS, params=params, instruction="pick",
                          flush_period_s=flush_period_s) as rec:
         rec.write("/rt2_safety/status", SafetyStatus(actions_accepted=4), T0_NS)
-        for offset, text in instructions:
-            rec.write("/instruction", String(data=text), T0_NS + offset)
-        for t in range(T0_NS, T0_NS + duration_ns, 20 * 10**6):
+        rec.write("/instruction", String(data="pick up the cube"), T0_NS)
+        for offset, msg in episodes:
+            rec.write("/episode", msg, T0_NS + offset)
+        for t in range(T0_NS, T0_NS + duration_ns, 20 * 10**6) if poses else ():
             rec.write("/ee_pose", _pose_msg(), t)
         for i, answer in enumerate(answers):
             seq, t = i + 1, T0_NS + (i + 2) * 10**8
@@ -331,14 +350,14 @@ def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk
                                                                 tokens=[int(b) for b in parsed.bins]), t)
             action = tok.decode(parsed.bins, observation_seq=seq)
             actions.append(action)
-            rec.write("/arm_action", _action_msg(action, 1), t + 5 * 10**7)
+            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS)), t + 5 * 10**7)
         for k in range(chunk_rows):  # a continuous chunk: no tokens to re-decode
             seq, t = len(answers) + 1, T0_NS + (len(answers) + 2 + k) * 10**8
             if k == 0:
                 rec.write("/rt2_policy/action_tokens", ActionTokens(observation_seq=seq, backend="openpi"), t)
             action = tok.decode_continuous([0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], observation_seq=seq)
             actions.append(action)
-            rec.write("/arm_action", _action_msg(action, 1), t + 5 * 10**7)
+            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS)), t + 5 * 10**7)
         rec.write("/rt2_safety/status", SafetyStatus(actions_accepted=4 + len(actions)), T0_NS + duration_ns)
     return actions
 
@@ -415,25 +434,79 @@ def test_replay_handles_chunks_invalid_replies_and_now_valid_ones(tmp_path):
     assert not wide.ok
 
 
-def test_instruction_reaching_the_recorder_late_does_not_stop_the_episode(tmp_path):
+def test_replay_follows_the_episode_announcements(tmp_path, capsys):
     path = tmp_path / "ep.mcap"
-    # The first action (0.25 s) is logged before the instruction that caused it (0.3 s).
-    actions = make_episode(path, ["0 140 128 128 128 128 128 0"] * 6, instructions=((3 * 10**8, "pick"),))
+    actions = make_episode(path, ["0 140 128 128 128 128 128 0"] * 4)
     report = replay(path)
     assert [s.verdict for s in report.steps] == [("ok",)] * len(actions)
-    assert any("after the episode they started" in n for n in report.notes)
+    assert {s.episode_id for s in report.steps} == {short_id(EP1)} == {"01020304"}
+    assert report.episodes == ((short_id(EP1), "pick up the cube"),)
+    assert report.instructions == ("pick up the cube",)
+    assert replay_main([str(path)]) == 0
+    assert "  episode 01020304: 'pick up the cube'" in capsys.readouterr().out
 
 
-def test_new_instruction_mid_episode_stops_it(tmp_path):
+def test_episode_ended_by_the_policy_drops_its_late_actions(tmp_path):
     path = tmp_path / "ep.mcap"
-    # A second instruction 0.4 s after the episode started (the first came in time): the safety
-    # node goes IDLE and ignores the old episode's remaining actions, and so must the replay.
-    make_episode(path, ["0 140 128 128 128 128 128 0"] * 8, instructions=((1, "pick"), (6 * 10**8 + 1, "stop")))
+    # The policy ends the episode at 0.6 s (e.g. cancelled); its actions logged after that are
+    # stragglers: the safety node is IDLE and drops them as stale, and so must the replay.
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 8,
+                 episodes=((1, _episode_msg(EP1)), (6 * 10**8 + 1, _episode_msg(EP1, False, reason="cancelled"))))
     report = replay(path)
     times = [s.time_s for s in report.steps]
-    assert all(s.verdict == ("ok",) for s in report.steps if s.time_s < 0.6)
-    assert all(s.verdict == ("ignored:idle",) for s in report.steps if s.time_s > 0.6)
     assert min(times) < 0.6 < max(times)
+    assert all(s.verdict == ("ok",) for s in report.steps if s.time_s < 0.6)
+    assert all(s.verdict == ("dropped:stale_episode",) for s in report.steps if s.time_s > 0.6)
+    assert report.ok  # the same with recorded and candidate params
+    assert any("stale_episode" in n for n in report.notes)
+
+
+def test_new_episode_preempts_the_running_one(tmp_path):
+    path = tmp_path / "ep.mcap"
+    # A second episode at 0.6 s: the first one's remaining actions are stale, the new one's run
+    # (it starts holding, from the measured pose; its first action resumes).
+    switch = 6 * 10**8
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 8,
+                 episodes=((1, _episode_msg(EP1)), (switch + 1, _episode_msg(EP2, instruction="stop"))),
+                 episode_of=lambda offset: EP1 if offset < switch + 10**8 else EP2)
+    report = replay(path)
+    by_episode = {}
+    for s in report.steps:
+        by_episode.setdefault(s.episode_id, []).append(s.verdict)
+    old, new = by_episode[short_id(EP1)], by_episode[short_id(EP2)]
+    assert old[-1] == ("dropped:stale_episode",) and set(old[:-1]) == {("ok",)}
+    assert new and set(new) == {("ok",)}
+    assert report.instructions == ("pick up the cube", "stop")
+    assert report.counters["episodes"] == 2
+
+
+def test_actions_of_an_unannounced_episode_are_dropped(tmp_path):
+    path = tmp_path / "ep.mcap"
+    # E.g. a safety node restarted mid-episode: it never heard of the episode the actions name.
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 3, episode_of=lambda offset: EP2)
+    report = replay(path)
+    assert [s.verdict for s in report.steps] == [("dropped:unknown_episode",)] * 3
+    assert report.counters["actions_accepted"] == 0
+    assert any("unknown_episode 3" in n for n in report.notes)
+
+
+def test_recording_without_episode_messages_starts_episodes_at_their_first_action(tmp_path):
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 3, episodes=())
+    report = replay(path)
+    assert [s.verdict for s in report.steps] == [("ok",)] * 3
+    assert any("no /episode messages" in n for n in report.notes)
+    assert report.instructions == ("pick up the cube",)  # from /instruction
+
+
+def test_episode_without_a_fresh_pose_faults(tmp_path):
+    path = tmp_path / "ep.mcap"
+    # No ee_pose at all (the arm driver is not publishing): the episode cannot start, the fault
+    # latches and the episode's actions are ignored.
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 2, poses=False)
+    report = replay(path)
+    assert report.counters["faults"] == 1 and report.counters["actions_accepted"] == 0
+    assert [s.verdict for s in report.steps] == [("ignored:fault",)] * 2
 
 
 def test_recorded_status_counters_are_reported(tmp_path):
@@ -444,11 +517,105 @@ def test_recorded_status_counters_are_reported(tmp_path):
     assert report.recorded_counters["actions_accepted"] == len(actions)
 
 
-def test_replay_without_params_metadata_assumes_defaults(tmp_path):
+def test_replay_without_params_metadata_assumes_defaults(tmp_path, capsys):
     path = tmp_path / "ep.mcap"
     make_episode(path, ["0 140 128 128 128 128 128 0"], params={})
     report = replay(path)
-    assert report.ok and any("defaults" in n for n in report.notes)
+    assert report.ok and report.params_recorded == () and report.params_assumed == ("rt2_policy", "rt2_safety")
+    assert replay_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("run parameters: rt2_policy (tokenizer.*) and rt2_safety (safety.*, ee_pose_timeout_s) NOT in the "
+            "recording: their defaults are assumed") in out
+    assert "as recorded" not in out
+
+
+@pytest.mark.parametrize("params_from", [None, ["rt2_policy"]])
+def test_replay_of_a_partial_recording_names_what_it_assumed(tmp_path, capsys, params_from):
+    # Only rt2_policy's parameters made it into the file (the recorder stopped before it fetched
+    # rt2_safety's): the replay must say so, never "as recorded".
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 2, params={"tokenizer.profile": "rt2"})
+    if params_from is not None:  # as rt2-record writes it
+        with_meta = tmp_path / "meta.mcap"
+        make_episode(with_meta, ["0 140 128 128 128 128 128 0"] * 2,
+                     params={"tokenizer.profile": "rt2", "safety.watchdog_timeout_s": 0.9})
+        path = with_meta
+        _append_run_metadata(path, {"params_from": json.dumps(params_from), "params_missing": '["rt2_safety"]'})
+    report = replay(path)
+    assert report.params_recorded == ("rt2_policy",) and report.params_assumed == ("rt2_safety",)
+    assert replay_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("run parameters: rt2_policy (tokenizer.*) as recorded; rt2_safety (safety.*, ee_pose_timeout_s) NOT in "
+            "the recording: its defaults are assumed") in out
+    assert "replay parameters: the run parameters, unchanged" in out
+    if params_from is not None:  # a safety key without rt2_safety in params_from is not taken as recorded
+        assert "safety.watchdog_timeout_s" not in out
+
+
+def _append_run_metadata(path: Path, values: dict) -> None:
+    """Rewrite ``path`` with one more ``rt2_ros`` metadata record (as a later rt2-record update)."""
+    from mcap.reader import make_reader as _reader
+    from mcap.writer import Writer
+
+    data = path.read_bytes()
+    reader = _reader(open(path, "rb"))  # noqa: SIM115 - read fully below
+    summary = reader.get_summary()
+    out = path.with_suffix(".tmp")
+    with open(out, "wb") as f:
+        w = Writer(f)
+        w.start(profile="ros2", library="test")
+        schema_ids = {sid: w.register_schema(sc.name, sc.encoding, sc.data) for sid, sc in summary.schemas.items()}
+        channel_ids = {cid: w.register_channel(c.topic, c.message_encoding, schema_ids[c.schema_id], c.metadata)
+                       for cid, c in summary.channels.items()}
+        for _, channel, message in reader.iter_messages(log_time_order=False):
+            w.add_message(channel_ids[channel.id], message.log_time, message.data, message.publish_time)
+        for record in reader.iter_metadata():
+            w.add_metadata(record.name, record.metadata)
+        w.add_metadata("rt2_ros", values)
+        w.finish()
+    assert data  # the original was read before it is replaced
+    out.replace(path)
+
+
+def test_replay_of_a_recording_without_actions_is_not_a_match(tmp_path, capsys):
+    path = tmp_path / "ep.mcap"
+    make_episode(path, [])  # instruction, episode, poses, statuses: no model reply, no arm action
+    report = replay(path)
+    assert not report.ok and report.steps == ()
+    assert replay_main([str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "result: NOTHING TO REPLAY" in out and "MATCH" not in out
+
+
+def test_replay_counts_replies_the_replay_tokenizer_cannot_decode(tmp_path, capsys):
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 3)  # rt2: 8 tokens; openvla expects 7
+    assert replay_main([str(path), "--set", "tokenizer.profile=openvla"]) == 1
+    out = capsys.readouterr().out
+    assert "steps: 3 (re-decodable 0, invalid with the replay tokenizer 3)" in out
+    assert "replay parameters: the run parameters with --set tokenizer.profile=openvla" in out
+
+
+def test_replay_params_file_is_checked_as_the_nodes_check_it(tmp_path, capsys):
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 2)
+    cases = {"rt2_safety:\n  ros__parameters:\n    safety:\n      watchdog_timeout_s: 2\n":
+             "safety.watchdog_timeout_s: expected a floating-point number, got the integer 2",
+             "policy_node:\n  ros__parameters:\n    tokenizer:\n      profile: rt2\n": "unknown node 'policy_node'",
+             "rt2_safety:\n  ros__parameters:\n    tokenizer:\n      profile: rt2\n":
+             "rt2_safety: unknown parameter(s): tokenizer.profile"}
+    for text, message in cases.items():
+        params = tmp_path / "p.yaml"
+        params.write_text(text)
+        assert replay_main([str(path), "--params", str(params)]) == 2, text
+        err = capsys.readouterr().err
+        assert err.startswith("rt2-replay: invalid parameters:") and message in err, err
+    params.write_text("rt2_safety:\n  ros__parameters:\n    safety:\n      watchdog_timeout_s: 2.0\n")
+    assert replay_main([str(path), "--params", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert (f"replay parameters: {params} (rt2_safety (safety.*, ee_pose_timeout_s); rt2_policy not in it: "
+            "defaults; keys it does not set: defaults)") in out
+    assert "safety.watchdog_timeout_s: 1.0 -> 2.0" in out
 
 
 def test_replay_of_a_cut_file_uses_what_it_holds(tmp_path, capsys):
@@ -459,10 +626,12 @@ def test_replay_of_a_cut_file_uses_what_it_holds(tmp_path, capsys):
     action_times = [m.log_time_ns for m in iter_messages(path) if m.topic == "/arm_action"]
     _, summary, _ = _read_all(path)
     offsets = {c.message_start_time: c.chunk_start_offset for c in summary.chunk_indexes}
-    cut.write_bytes(data[:offsets[action_times[4]]])
+    cut.write_bytes(data[:offsets[action_times[4]] + 20])  # into a record: cut mid-write
     assert replay_main([str(cut)]) == 0
     out = capsys.readouterr().out
-    assert "never finalised" in out
+    assert "never finalised" in out and "ends in the middle of a record" in out
+    assert "EndOfFile" not in out and "unpack requires" not in out  # the reader's bare causes, translated
+    assert "mcap recover" in out
     assert int(re.search(r"(\d+) executed steps", out).group(1)) == 4 < len(actions)
     cut.write_bytes(data[:offsets[action_times[0]]])  # messages, but no arm action
     assert replay_main([str(cut)]) == 2
@@ -501,11 +670,14 @@ def test_rt2_record_records_what_is_published(probe, tmp_path):
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from rt2_ros.nodes.common import ACTION_QOS, LATCHED_QOS
+    from rt2_ros.nodes.common import ACTION_QOS, EVENT_QOS, LATCHED_QOS
 
     node = probe.node
-    instruction_pub = node.create_publisher(String, "/instruction", LATCHED_QOS)
-    instruction_pub.publish(String(data="stack the blocks"))  # before the recorder exists: latched
+    status_pub = node.create_publisher(SafetyStatus, "/rt2_safety/status", LATCHED_QOS)
+    status_pub.publish(SafetyStatus(state_name="IDLE", faults=2, drop_causes=["unknown_episode"], drop_counts=[7]))
+    # ^ before the recorder exists: latched. Instructions and episodes are volatile events.
+    instruction_pub = node.create_publisher(String, "/instruction", EVENT_QOS)
+    episode_pub = node.create_publisher(Episode, "/episode", EVENT_QOS)
     action_pub = node.create_publisher(ArmAction, "/arm_action", ACTION_QOS)
     tokens_pub = node.create_publisher(ActionTokens, "/rt2_policy/action_tokens", 10)
     image_pub = node.create_publisher(Image, "/camera/image", qos_profile_sensor_data)
@@ -531,7 +703,7 @@ def test_rt2_record_records_what_is_published(probe, tmp_path):
     out, log = tmp_path / "run.mcap", tmp_path / "record.log"
     proc = _start_recorder(out, log, "--param-nodes", "rt2_policy")
     try:
-        pubs = (instruction_pub, action_pub, tokens_pub, image_pub)
+        pubs = (instruction_pub, episode_pub, action_pub, tokens_pub, image_pub)
         probe.wait_for(lambda: proc.poll() is not None or all(p.get_subscription_count() >= 1 for p in pubs),
                        20.0, "rt2-record to subscribe")
         assert proc.poll() is None, log.read_text()
@@ -539,13 +711,15 @@ def test_rt2_record_records_what_is_published(probe, tmp_path):
         while "parameters of rt2_policy" not in log.read_text():
             assert time.monotonic() < deadline, f"parameters not fetched:\n{log.read_text()}"
             time.sleep(0.05)  # polling a log file: there is no event to wait on across processes
+        instruction_pub.publish(String(data="stack the blocks"))
+        episode_pub.publish(_episode_msg(EP1, instruction="stack the blocks"))
         frame = _filled(Image, np.random.default_rng(3))
         for _ in range(3):
             image_pub.publish(frame)
         for seq in (1, 2, 3):
             tokens_pub.publish(ActionTokens(observation_seq=seq, text=f"0 {seq} 128 128 128 128 128 0"))
-            action_pub.publish(ArmAction(observation_seq=seq, episode_id=1, gripper=0.25 * seq))
-        for pub in (tokens_pub, action_pub, instruction_pub):
+            action_pub.publish(ArmAction(observation_seq=seq, episode_id=uuid_msg(EP1), gripper=0.25 * seq))
+        for pub in (tokens_pub, action_pub, instruction_pub, episode_pub, status_pub):
             assert pub.wait_for_all_acked(Duration(seconds=5)), "the recorder did not acknowledge"
     finally:
         code = stop(proc)
@@ -561,12 +735,20 @@ def test_rt2_record_records_what_is_published(probe, tmp_path):
         by_topic.setdefault(m.topic, []).append(m.message)
     assert [a.observation_seq for a in by_topic["/arm_action"]] == [1, 2, 3]
     assert [a.gripper for a in by_topic["/arm_action"]] == [0.25, 0.5, 0.75]
+    assert {bytes(bytearray(a.episode_id.uuid)) for a in by_topic["/arm_action"]} == {EP1}
+    (episode,) = by_topic["/episode"]
+    assert (bytes(bytearray(episode.episode_id.uuid)), episode.active, episode.instruction) == (
+        EP1, True, "stack the blocks")
+    (status,) = by_topic["/rt2_safety/status"]
+    assert (status.faults, list(status.drop_causes), list(status.drop_counts)) == (2, ["unknown_episode"], [7])
     assert [t.text for t in by_topic["/rt2_policy/action_tokens"]][-1] == "0 3 128 128 128 128 128 0"
     assert [i.data for i in by_topic["/instruction"]] == ["stack the blocks"]
     assert 1 <= len(by_topic["/camera/image"]) <= 3
     _same(frame, by_topic["/camera/image"][0])
     assert recorded_params(out) == {"tokenizer.translation_scale_m": 0.03, "tokenizer.profile": "rt1"}
-    assert read_metadata(out)["rt2_ros"]["instruction"] == "stack the blocks"
+    meta = read_metadata(out)["rt2_ros"]
+    assert meta["instruction"] == "stack the blocks"  # from the episode announcement
+    assert json.loads(meta["instructions"]) == ["stack the blocks"]
 
 
 def test_rt2_record_stops_after_duration(probe, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +145,12 @@ class Model:
         self.last_accept = 0.0
         self.rejected = self.terminations = self.estops = 0
         self.keep_out_limited = 0  # ticks where a keep-out box cut the twist
+        self.gripper: float | None = None  # the filter's gripper command as the model expects it
+        self.gripper_jumps = self.gripper_unknown_ignored = self.restarts = 0
 
 
 def check_tick(cfg: SafetyConfig, cmd: SafeCommand, model: Model, now: float, dt: float,
-               v_prev: np.ndarray, w_prev: np.ndarray, g_prev: float, p: np.ndarray) -> None:
+               v_prev: np.ndarray, w_prev: np.ndarray, g_prev: float | None, p: np.ndarray) -> None:
     v, w = cmd.linear_velocity, cmd.angular_velocity
     dt_eff = min(dt, cfg.lookahead_s)
     model.keep_out_limited += "limited:keep_out" in cmd.reasons
@@ -169,8 +172,14 @@ def check_tick(cfg: SafetyConfig, cmd: SafeCommand, model: Model, now: float, dt
     if not any(r.startswith(HOLD_OK) for r in cmd.reasons):
         assert norm(v - v_prev) <= cfg.max_linear_accel_m_s2 * dt_eff + EPS, cmd.reasons
         assert norm(w - w_prev) <= cfg.max_angular_accel_rad_s2 * dt_eff + EPS, cmd.reasons
-    assert 0.0 <= cmd.gripper <= 1.0
-    assert abs(cmd.gripper - g_prev) <= cfg.max_gripper_rate_per_s * dt_eff + EPS
+    if g_prev is None or model.mode != "running":
+        # unknown stays unknown (never an invented "open") until an absolute action sets it, which
+        # is taken as is; a hold never changes the gripper command
+        assert cmd.gripper == model.gripper, (g_prev, model.gripper, cmd)
+    else:
+        assert cmd.gripper is not None and 0.0 <= cmd.gripper <= 1.0
+        assert abs(cmd.gripper - g_prev) <= cfg.max_gripper_rate_per_s * dt_eff + EPS
+    model.gripper = cmd.gripper
     # the target, the current position and the whole look-ahead segment are safe
     ahead = v * cfg.lookahead_s
     assert safe(cfg, cmd.target_position, p, p + 0.25 * ahead, p + 0.5 * ahead, p + ahead), (p, v)
@@ -186,8 +195,12 @@ def run_episode(f: SafetyFilter, tok: ActionTokenizer, rng: np.random.Generator,
         assert f.tick(now).linear_velocity.tolist() == [0.0, 0.0, 0.0]
     p = random_safe_point(rng, cfg)
     q = random_quaternion(rng)
-    g_prev = float(rng.uniform(0.0, 1.0))
-    assert f.start_episode(p, q, g_prev, now)
+    g_start = None if rng.random() < 0.3 else float(rng.uniform(0.0, 1.0))  # None: keep the filter's own
+    assert f.start_episode(p, q, g_start, now)
+    if g_start is not None:
+        model.gripper = g_start
+    assert f.gripper_command == model.gripper
+    g_prev = model.gripper
     model.mode, model.last_accept = "running", now
     measured = bool(rng.random() < 0.5)
     v_prev, w_prev = np.zeros(3), np.zeros(3)
@@ -227,6 +240,15 @@ def run_episode(f: SafetyFilter, tok: ActionTokenizer, rng: np.random.Generator,
             else:
                 assert verdict.accepted, verdict
                 model.mode, model.last_accept = "running", now
+                if model.gripper is not None:
+                    assert "ignored:gripper_unknown" not in verdict.reasons
+                elif action.gripper_relative:
+                    assert "ignored:gripper_unknown" in verdict.reasons
+                    model.gripper_unknown_ignored += 1
+                else:
+                    model.gripper = min(max(action.gripper, 0.0), 1.0)
+                    model.gripper_jumps += 1
+                assert f.gripper_command == model.gripper
                 assert norm(f.target_position - before_p) <= cfg.max_step_translation_m + EPS
                 assert rotation_angle(before_q, f.target_orientation) <= cfg.max_step_rotation_rad + 1e-7
             assert safe(cfg, f.target_position)
@@ -258,19 +280,27 @@ def run_episode(f: SafetyFilter, tok: ActionTokenizer, rng: np.random.Generator,
 
 
 def test_random_token_sequences_never_violate_limits() -> None:
-    """10,000 random decoded RT-2 answers, random start poses, terminates, NaNs, e-stops, watchdog gaps."""
+    """10,000 random decoded RT-2 answers, random start poses, terminates, NaNs, e-stops, watchdog gaps,
+    node restarts (a fresh filter: gripper unknown)."""
     rng = np.random.default_rng(20240611)
     filters = {name: SafetyFilter(SafetyConfig.from_params(values)) for name, values in CONFIGS.items()}
     models = {name: Model() for name in CONFIGS}
+    retired = {name: Counter[str]() for name in CONFIGS}  # counters of filters replaced by a restart
     names = list(CONFIGS)
     now, seq = 100.0, 0
     for _ in range(N_ANSWERS // ANSWERS_PER_EPISODE):
         name = names[int(rng.integers(len(names)))]
         tok = TOKENIZERS[int(rng.integers(len(TOKENIZERS)))]
+        if rng.random() < 0.05:  # the safety node restarts: it must not know (or invent) the gripper state
+            retired[name].update(filters[name].counters)
+            filters[name] = SafetyFilter(filters[name].config)
+            models[name].gripper = None
+            models[name].restarts += 1
+            assert is_zero(filters[name].tick(now)) and filters[name].tick(now).gripper is None
         now, seq = run_episode(filters[name], tok, rng, models[name], now, seq)
     clipped = keep_out_limited = 0
     for name, f in filters.items():
-        c, m = f.counters, models[name]
+        c, m = retired[name] + Counter(f.counters), models[name]
         assert c["actions_rejected"] == m.rejected  # every NaN counted, nothing else rejected
         assert c["terminations"] == m.terminations
         assert c["estops"] == m.estops
@@ -279,6 +309,9 @@ def test_random_token_sequences_never_violate_limits() -> None:
         keep_out_limited += m.keep_out_limited
     assert clipped > 100  # the large-scale tokenizer really exercised the limits
     assert keep_out_limited > 50  # pushed arms really had to go around boxes
+    assert sum(m.restarts for m in models.values()) > 10
+    assert sum(m.gripper_jumps for m in models.values()) > 10  # unknown -> known on an absolute action
+    assert sum(m.gripper_unknown_ignored for m in models.values()) > 10  # relative while unknown
 
 
 # -- hypothesis: arbitrary (also absurd) actions -----------------------------------------------------
@@ -291,15 +324,18 @@ actions = st.builds(ArmAction, translation=vectors, rotation=vectors, gripper=st
 
 @settings(max_examples=300, derandomize=True, deadline=None)
 @given(start=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+       gripper=st.one_of(st.none(), st.floats(-1.0, 2.0)),
        steps=st.lists(actions, min_size=1, max_size=8))
-def test_any_action_keeps_target_safe_and_steps_bounded(start: tuple[float, float, float],
+def test_any_action_keeps_target_safe_and_steps_bounded(start: tuple[float, float, float], gripper: float | None,
                                                         steps: list[ArmAction]) -> None:
     f = make_filter(keep_out_boxes=BOX_A + BOX_B)
     cfg = f.config
     p0 = np.array(cfg.workspace_min) + np.array(start) * (np.array(cfg.workspace_max) - np.array(cfg.workspace_min))
     if in_keep_out(cfg, p0, eps=-cfg.boundary_tolerance_m):
         return  # start poses inside a box are refused; tested separately
-    assert f.start_episode(p0, IDENTITY, 0.0, 0.0)
+    assert f.start_episode(p0, IDENTITY, gripper, 0.0)
+    g_cmd = None if gripper is None else min(max(gripper, 0.0), 1.0)  # a fresh filter knows no gripper
+    assert f.gripper_command == g_cmd
     for i, action in enumerate(steps):
         before_p, before_q = f.target_position, f.target_orientation
         verdict = f.on_action(action, 0.01 * i)
@@ -308,12 +344,17 @@ def test_any_action_keeps_target_safe_and_steps_bounded(start: tuple[float, floa
             assert f.state == SafetyState.HOLDING
         else:
             assert verdict.accepted
+            # the command only changes here when it was unknown: then it takes an absolute value at once
+            assert ("ignored:gripper_unknown" in verdict.reasons) == (g_cmd is None and action.gripper_relative)
+            if g_cmd is None and not action.gripper_relative:
+                g_cmd = min(max(action.gripper, 0.0), 1.0)
             assert norm(f.target_position - before_p) <= cfg.max_step_translation_m + EPS
             assert rotation_angle(before_q, f.target_orientation) <= cfg.max_step_rotation_rad + 1e-7
             # the straight path from the old to the new target never crosses a keep-out box
             for s in np.linspace(0.0, 1.0, 21):
                 assert not in_keep_out(cfg, before_p + s * (f.target_position - before_p))
         assert safe(cfg, f.target_position)
+        assert f.gripper_command == g_cmd
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -516,6 +557,99 @@ def test_relative_gripper_is_clamped() -> None:
     assert cmd.gripper == 1.0
 
 
+def test_new_filter_commands_no_gripper_until_an_absolute_action() -> None:
+    """A restarted node must not command "open" on its own: the gripper may be holding an object."""
+    f = make_filter(max_gripper_rate_per_s=0.5)
+    assert f.gripper_command is None and f.tick(0.0).gripper is None
+    assert f.diagnostics()["gripper_command"] == "unknown"
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, None, 0.0)
+    assert f.tick(0.03).gripper is None
+    # a relative gripper change of an unknown value: the rest of the action applies, the gripper stays unknown
+    verdict = f.on_action(ArmAction([0.01, 0.0, 0.0], [0, 0, 0], -0.3, gripper_relative=True), 0.05)
+    assert verdict.accepted and verdict.reasons == ("ignored:gripper_unknown",)
+    np.testing.assert_allclose(f.target_position, [0.51, 0.0, 0.3])
+    assert f.counters["actions_clipped"] == 0  # nothing was clipped
+    for i in range(2, 10):
+        cmd = f.tick(i / 30)
+        assert cmd.gripper is None and cmd.state == SafetyState.RUNNING
+    assert f.on_action(ArmAction.hold(), 0.4).reasons == ("ignored:gripper_unknown",)
+    assert f.diagnostics()["gripper_command"] == "unknown"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.0, 0.0), (0.35, 0.35), (1.0, 1.0), (1.7, 1.0), (-0.2, 0.0)])
+@pytest.mark.parametrize("state_before", ["running", "holding"])
+def test_first_absolute_gripper_value_is_taken_at_once(value: float, expected: float, state_before: str) -> None:
+    """No ramp from an invented value: ramping from 0 (open) would open a closed gripper on the way."""
+    f = make_filter(max_gripper_rate_per_s=0.1)
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, None, 0.0)
+    if state_before == "holding":
+        f.hold("new instruction")
+        assert f.tick(0.02).gripper is None
+    verdict = f.on_action(ArmAction([0, 0, 0], [0, 0, 0], value), 0.05)
+    assert verdict.accepted and ("clipped:gripper" in verdict.reasons) == (value != expected)
+    assert f.gripper_command == expected
+    assert f.tick(0.06).gripper == expected
+    assert f.diagnostics()["gripper_command"] == f"{expected:.3f}"
+    # once known, changes are rate-limited again, relative ones included
+    assert f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 0.5 if expected < 0.5 else -0.5, gripper_relative=True),
+                       0.1).reasons in ((), ("clipped:gripper",))
+    cmd = f.tick(0.1)
+    assert abs(cmd.gripper - expected) == pytest.approx(0.1 * (0.1 - 0.06))
+
+
+@pytest.mark.parametrize("previous", [None, 0.0, 0.8])
+def test_start_episode_without_gripper_keeps_the_last_command(previous: float | None) -> None:
+    f = make_filter(max_gripper_rate_per_s=1.0)
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, previous, 0.0)
+    f.stop_episode("next instruction")
+    assert f.start_episode([0.5, 0.1, 0.3], IDENTITY, None, 1.0)
+    assert f.gripper_command == previous and f.tick(1.03).gripper == previous
+    if previous is not None:
+        # a ramp in progress is not continued by the next episode either: the target is the command
+        f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 1.0 - previous), 1.05)
+        g = f.tick(1.1).gripper
+        assert g is not None and g != previous
+        assert f.start_episode([0.5, 0.1, 0.3], IDENTITY, None, 1.2)
+        assert f.tick(1.23).gripper == g and f.tick(1.26).gripper == g
+
+
+@pytest.mark.parametrize("start", [None, 0.0])
+@pytest.mark.parametrize("hold", ["watchdog", "estop", "fault", "terminate", "stop", "hold", "nan", "limits"])
+def test_holds_never_change_the_gripper_command(start: float | None, hold: str) -> None:
+    f = make_filter(watchdog_timeout_s=0.5)
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, start, 0.0)
+    if start is not None:
+        f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 1.0), 0.0)  # mid-ramp toward closed
+    g = f.tick(0.1).gripper
+    assert (g is None) == (start is None) and g != 1.0
+    now = 0.1
+    if hold == "watchdog":
+        now = 0.6
+    elif hold == "estop":
+        f.estop("button")
+    elif hold == "fault":
+        f.fault("backend timeout")
+    elif hold == "terminate":
+        f.on_action(ArmAction([0, 0, 0], [0, 0, 0], 0.0, terminate=True), now)
+    elif hold == "stop":
+        f.stop_episode("operator")
+    elif hold == "hold":
+        f.hold("new instruction")
+    elif hold == "nan":
+        f.on_action(ArmAction([np.nan, 0, 0], [0, 0, 0], 0.0), now)
+    else:
+        f.update_config(SafetyConfig.from_params({"safety.workspace_max": [0.7, 0.35, 0.55]}))
+    for i in range(1, 30):
+        cmd = f.tick(now + i / 30)
+        assert cmd.state != SafetyState.RUNNING and cmd.gripper == g
+
+
+def test_start_refused_for_a_non_finite_gripper() -> None:
+    f = make_filter()
+    assert not f.start_episode([0.5, 0.0, 0.3], IDENTITY, float("nan"), 0.0)
+    assert f.last_reasons == ("rejected:start_non_finite",) and f.gripper_command is None
+
+
 # -- state machine: terminate, e-stop, faults, bad input -------------------------------------------------------
 def moving_filter(**overrides: object) -> tuple[SafetyFilter, float]:
     f = make_filter(**overrides)
@@ -687,3 +821,242 @@ def test_hold_pauses_a_running_episode_and_the_next_action_resumes():
     f.estop("test")
     f.hold("ignored while e-stopped")
     assert f.state == SafetyState.ESTOPPED
+
+
+# -- live limits ----------------------------------------------------------------------------------------------------
+def changed(f: SafetyFilter, **overrides: object) -> SafetyConfig:
+    """``f``'s config with some keys changed (as the node builds it from `ros2 param set`)."""
+    values = f.config.to_params()
+    values.update({f"safety.{k}": v for k, v in overrides.items()})
+    return SafetyConfig.from_params(values)
+
+
+@pytest.mark.parametrize(("speed", "angular"), [(0.05, 0.1), (0.01, 1.0), (0.0, 0.0), (0.2, 0.05)])
+def test_lowered_speed_limit_takes_effect_on_the_next_tick(speed: float, angular: float) -> None:
+    f, now = moving_filter()
+    assert norm(f.tick(now + 1 / 30).linear_velocity) > speed
+    new = changed(f, max_linear_speed_m_s=speed, max_angular_speed_rad_s=angular)
+    assert f.check_config(new) == ""
+    f.update_config(new)
+    assert f.config == new and f.state == SafetyState.RUNNING  # not a geometry change: no hold
+    for i in range(2, 30):
+        cmd = f.tick(now + i / 30)
+        assert cmd.state == SafetyState.RUNNING
+        assert norm(cmd.linear_velocity) <= speed + EPS and norm(cmd.angular_velocity) <= angular + EPS
+
+
+def test_shrunken_workspace_containing_the_arm_is_accepted_and_clips_the_next_target() -> None:
+    f = make_filter(watchdog_timeout_s=10.0)
+    p = np.array([0.45, 0.0, 0.3])
+    assert f.start_episode(p, IDENTITY, 0.0, 0.0)
+    v, now = np.zeros(3), 0.0
+    for i in range(1, 10):  # moving in +x toward a target at 0.49
+        now = i / 30
+        f.on_action(ArmAction([0.005, 0.0, 0.0], [0, 0, 0], 0.0), now)
+        p = p + v / 30
+        v = f.tick(now, p, IDENTITY).linear_velocity
+    assert v[0] > 0.0 and p[0] < 0.5
+    new = changed(f, workspace_max=[0.5, 0.35, 0.55])
+    assert f.check_config(new) == ""
+    f.update_config(new)
+    # the old target is dropped: hold at the arm's pose, resume from there under the new limits
+    assert f.state == SafetyState.HOLDING and f.hold_reason == "hold: limits changed"
+    assert f.last_reasons == ("hold:limits_changed",)
+    np.testing.assert_allclose(f.target_position, p)
+    assert is_zero(f.tick(now + 1 / 30, p, IDENTITY))
+    verdict = f.on_action(ArmAction([0.05, 0.0, 0.0], [0, 0, 0], 0.0), now + 0.05)
+    assert verdict.accepted and "clipped:workspace_x_max" in verdict.reasons
+    assert f.state == SafetyState.RUNNING and f.target_position[0] == pytest.approx(0.5)
+    v = np.zeros(3)
+    for i in range(2, 60):
+        p = p + v / 30
+        cmd = f.tick(now + i / 30, p, IDENTITY)
+        v = cmd.linear_velocity
+        assert p[0] <= 0.5 + EPS and p[0] + v[0] * new.lookahead_s <= 0.5 + EPS
+    assert p[0] == pytest.approx(0.5, abs=new.goal_tolerance_m + 1e-4)
+
+
+ARM_AT = [0.7, 0.0, 0.3]
+EXCLUDE_ARM = [
+    ({"workspace_max": [0.6, 0.35, 0.55]}, "safety.workspace_max",
+     "the arm's position (0.70, 0.00, 0.30) m would be outside the new workspace"),
+    ({"workspace_max": [0.6, 0.35, 0.55], "boundary_tolerance_m": 0.05}, "safety.workspace_max",
+     "the arm's position (0.70, 0.00, 0.30) m would be outside the new workspace"),
+    ({"workspace_min": [0.25, 0.05, 0.02]}, "safety.workspace_min", "the arm's position (0.70, 0.00, 0.30) m"),
+    ({"keep_out_boxes": [0.65, -0.05, 0.25, 0.75, 0.05, 0.35]}, "safety.keep_out_boxes",
+     "the arm's position (0.70, 0.00, 0.30) m would be inside new keep-out box 0"),
+]
+# the arm still fits, but the target it is heading for (x = 0.74) does not
+EXCLUDE_TARGET = [
+    ({"workspace_max": [0.705, 0.35, 0.55]}, "safety.workspace_max", "the commanded target (0.74, 0.00, 0.30) m"),
+    ({"keep_out_boxes": [0.30, -0.3, 0.0, 0.35, 0.3, 0.1, 0.72, -0.05, 0.25, 0.8, 0.05, 0.35]},
+     "safety.keep_out_boxes", "the commanded target (0.74, 0.00, 0.30) m would be inside new keep-out box 1"),
+]
+
+
+def heading_right() -> SafetyFilter:
+    """An arm measured at ARM_AT with its target 4 cm further in +x."""
+    f = make_filter(watchdog_timeout_s=10.0)
+    assert f.start_episode(ARM_AT, IDENTITY, 0.0, 0.0)
+    f.on_action(ArmAction([0.04, 0.0, 0.0], [0, 0, 0], 0.0), 0.0)
+    f.tick(1 / 30, ARM_AT, IDENTITY)
+    return f
+
+
+@pytest.mark.parametrize(("overrides", "key", "what"), EXCLUDE_ARM + EXCLUDE_TARGET)
+@pytest.mark.parametrize("state", ["running", "holding"])
+def test_limits_that_would_exclude_the_arm_or_its_target_are_refused(overrides: dict, key: str, what: str,
+                                                                      state: str) -> None:
+    f = heading_right()
+    if state == "holding":
+        f.fault("backend timeout")  # an episode under a fault is still active
+        if "target" in what:  # a hold froze the target at the arm, which fits: accepted
+            assert f.check_config(changed(f, **overrides)) == ""
+            return
+    before = (f.config, f.state, f.target_position)
+    new = changed(f, **overrides)
+    why = f.check_config(new)
+    assert why.startswith(f"{key}: ") and what in why and "\n" not in why, why
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        f.update_config(new)
+    assert (f.config, f.state) == before[:2]  # nothing changed
+    np.testing.assert_array_equal(f.target_position, before[2])
+    # the same limits are fine without an active episode; start_episode then refuses the pose instead
+    f.stop_episode("operator")
+    assert f.check_config(new) == ""
+    f.update_config(new)
+    assert f.config == new and safe(new, f.target_position)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"max_step_translation_m": 0.001}, {"max_linear_accel_m_s2": 0.1}, {"position_gain_per_s": 0.5},
+    {"goal_tolerance_m": 0.01}, {"boundary_tolerance_m": 0.0}, {"command_rate_hz": 50.0}, {"lookahead_s": 0.5},
+    {"max_gripper_rate_per_s": 0.0},
+    # the geometry may change as long as it keeps the arm and its target
+    {"workspace_min": [0.0, -1.0, 0.0], "workspace_max": [1.0, 1.0, 1.0]},
+])
+def test_other_limits_are_always_accepted_mid_episode(overrides: dict) -> None:
+    f, _ = moving_filter()
+    new = changed(f, **overrides)
+    assert f.check_config(new) == ""
+    f.update_config(new)
+    assert f.config == new
+    if "workspace_min" in overrides:
+        assert f.state == SafetyState.HOLDING and f.hold_reason == "hold: limits changed"
+    else:
+        assert f.state == SafetyState.RUNNING and f.last_reasons == ("config_updated",)
+
+
+def test_new_step_limit_applies_to_the_next_action() -> None:
+    f = make_filter()
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    f.update_config(changed(f, max_step_translation_m=0.01, max_step_rotation_rad=0.05))
+    before_p, before_q = f.target_position, f.target_orientation
+    verdict = f.on_action(ArmAction([0.05, 0.0, 0.0], [0.0, 0.0, 0.2], 0.0), 0.1)
+    assert set(verdict.reasons) == {"clipped:step_translation", "clipped:step_rotation"}
+    assert norm(f.target_position - before_p) == pytest.approx(0.01)
+    assert rotation_angle(before_q, f.target_orientation) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(("old", "new", "hold_at"), [(2.0, 0.3, 0.45), (2.0, 0.6, 0.6), (0.5, 2.0, 2.0),
+                                                     (1.0, 0.08, 0.45)])
+def test_watchdog_timeout_change_takes_effect(old: float, new: float, hold_at: float) -> None:
+    """Changed at t = 0.4 s; the last action was at t = 0: the new timeout counts from that action,
+    on the very next tick (every 50 ms)."""
+    f = make_filter(watchdog_timeout_s=old, command_rate_hz=20.0)
+    assert f.start_episode([0.5, 0.0, 0.3], IDENTITY, 0.0, 0.0)
+    assert f.on_action(ArmAction([0.01, 0, 0], [0, 0, 0], 0.0), 0.0).accepted
+    assert f.tick(0.4).state == SafetyState.RUNNING
+    f.update_config(changed(f, watchdog_timeout_s=new))
+    for i in range(9, 60):
+        cmd = f.tick(i * 0.05)
+        if i * 0.05 < hold_at - 1e-9:
+            assert cmd.state == SafetyState.RUNNING, i
+        else:
+            assert cmd.reasons == ("hold:watchdog",), i
+            break
+    assert f.counters["watchdog_trips"] == 1
+
+
+def test_check_config_rejects_a_non_config() -> None:
+    f = make_filter()
+    assert f.check_config({"safety.max_linear_speed_m_s": 0.1}) != ""  # type: ignore[arg-type]
+
+
+point_strategy = st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+
+
+@settings(max_examples=250, derandomize=True, deadline=None)
+@given(start=point_strategy, drive=st.tuples(st.floats(-0.05, 0.05), st.floats(-0.05, 0.05), st.floats(-0.05, 0.05)),
+       shrink_lo=point_strategy, shrink_hi=point_strategy, box_at=st.one_of(st.none(), point_strategy),
+       box_size=st.floats(0.01, 0.15),
+       # (denormal limits like 1e-308 m/s only make numpy warn about overflowing slab divisions)
+       speed=st.one_of(st.just(0.0), st.floats(1e-3, 0.5)), angular=st.one_of(st.just(0.0), st.floats(1e-3, 2.0)),
+       more=st.lists(st.tuples(st.floats(-0.05, 0.05), st.floats(-0.05, 0.05), st.floats(-0.05, 0.05)),
+                     min_size=1, max_size=5))
+def test_live_limit_changes_keep_every_limit(start: tuple[float, float, float], drive: tuple[float, float, float],
+                                             shrink_lo: tuple[float, float, float],
+                                             shrink_hi: tuple[float, float, float],
+                                             box_at: tuple[float, float, float] | None, box_size: float,
+                                             speed: float, angular: float,
+                                             more: list[tuple[float, float, float]]) -> None:
+    """Random new limits mid-motion: accepted exactly when the arm and target still fit, and then every
+    tick obeys the *new* limits (the arm starts at most boundary_tolerance_m outside them)."""
+    f = make_filter(keep_out_boxes=BOX_A, watchdog_timeout_s=10.0)
+    cfg = f.config
+    lo, hi = np.array(cfg.workspace_min), np.array(cfg.workspace_max)
+    p = lo + np.array(start) * (hi - lo)
+    if in_keep_out(cfg, p, eps=-1e-3):
+        return
+    q = np.array(IDENTITY)
+    assert f.start_episode(p, q, 0.5, 0.0)
+    v, w, now = np.zeros(3), np.zeros(3), 0.0
+    for _ in range(6):  # get moving (also turning) toward a target a few steps away
+        f.on_action(ArmAction(drive, [0.0, 0.1, 0.0], 0.5), now)
+        now += 1 / 30
+        p, q = p + v / 30, rotate(q, w / 30)
+        cmd = f.tick(now, p, q)
+        v, w = cmd.linear_velocity, cmd.angular_velocity
+    # new workspace: each side moved in by up to 60 % of the half-span, or out by up to 20 %
+    new_lo = lo + (np.array(shrink_lo) * 0.8 - 0.2) * 0.5 * (hi - lo)
+    new_hi = hi - (np.array(shrink_hi) * 0.8 - 0.2) * 0.5 * (hi - lo)
+    boxes: list[float] = []
+    if box_at is not None:
+        centre = lo + np.array(box_at) * (hi - lo)
+        boxes = [*(centre - box_size), *(centre + box_size)]
+    try:
+        new = changed(f, workspace_min=new_lo.tolist(), workspace_max=new_hi.tolist(), keep_out_boxes=boxes,
+                      max_linear_speed_m_s=speed, max_angular_speed_rad_s=angular)
+    except ConfigError:  # the box covers the whole new workspace: SafetyConfig refuses it (tested above)
+        return
+    tol = new.boundary_tolerance_m
+    points = (p, f.target_position)
+    definitely_bad = any(not in_workspace(new, x, eps=tol + 1e-9) or in_keep_out(new, x, eps=tol + 1e-9)
+                         for x in points)
+    definitely_ok = all(in_workspace(new, x, eps=tol - 1e-9) and not in_keep_out(new, x, eps=-1e-3) for x in points)
+    why = f.check_config(new)
+    if definitely_bad:
+        assert why.split(":")[0] in ("safety.workspace_min", "safety.workspace_max", "safety.keep_out_boxes"), why
+    if definitely_ok:
+        assert why == ""
+    if why:
+        with pytest.raises(ConfigError):
+            f.update_config(new)
+        assert f.config == cfg
+        return
+    f.update_config(new)
+    assert f.state == SafetyState.HOLDING and safe(new, f.target_position)
+    for step in more:
+        before = f.target_position
+        assert f.on_action(ArmAction(step, [0.0, 0.0, 0.1], 0.5), now).accepted
+        assert norm(f.target_position - before) <= new.max_step_translation_m + EPS
+        assert safe(new, f.target_position)
+        for _ in range(5):
+            now += 1 / 30
+            p, q = p + v / 30, rotate(q, w / 30)
+            cmd = f.tick(now, p, q)
+            v, w = cmd.linear_velocity, cmd.angular_velocity
+            assert norm(v) <= speed + EPS and norm(w) <= angular + EPS
+            assert safe(new, cmd.target_position)
+            ahead = p + v * new.lookahead_s  # never further than the tolerance outside the new limits
+            assert in_workspace(new, ahead, eps=tol + EPS) and not in_keep_out(new, ahead, eps=tol + EPS), (p, v)

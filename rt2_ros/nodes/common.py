@@ -3,26 +3,48 @@
 Parameters: each node declares its ParamSpecs with a ParameterDescriptor (description with units,
 ranges), reads them back and validates them with the same ``resolve`` the pure core uses, so a
 bad value fails at start-up with the key named. Overrides in the params file that no spec
-declares are an error too (rclpy would otherwise ignore a typo silently).
+declares are an error too (rclpy would otherwise ignore a typo silently); the standard
+``qos_overrides.<topic>...`` keys of topics created with :data:`QOS_OVERRIDES` are declared by rclpy.
+:class:`LiveParameters` lets ``ros2 param set`` change the parameters a node names as live, checked
+by the same specs and the node's cross-checks, and refuses the others with the reason.
+
+Lifecycle: the nodes are managed (``rclpy.lifecycle``); :func:`run_nodes` takes those with
+``autostart: true`` through configure and activate, and a failed configure ends the process
+with exit code 2 and the error (under a lifecycle manager, with autostart off, the node stays
+unconfigured instead). :func:`guarded` wraps callbacks so an unexpected exception ends in a
+hold and one log line, never in a dead node.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import signal
 import sys
 import threading
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
+from unique_identifier_msgs.msg import UUID
 
 from rt2_ros.params import ConfigError, ParamSpec, resolve
 
@@ -45,13 +67,36 @@ ACTION_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=R
 # Controller commands: reliable, shallow; a command that cannot be delivered now is worthless later.
 COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
+# Episode announcements and instructions: reliable, volatile. Volatile on purpose: a (re)started
+# node must not pick up an old instruction or episode and resume a task nobody asked for now.
+EVENT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.VOLATILE)
+# Topics created with this accept the standard qos_overrides.<topic>.<entity>.<policy> parameters.
+QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
+
+AUTOSTART = "autostart"
+AUTOSTART_PARAM = ParamSpec(AUTOSTART, "bool", True,
+                            "Configure and activate this managed node at start-up (false: a lifecycle manager does)")
+LIFECYCLE_PARAMS = (AUTOSTART_PARAM,)
+
+
+def uuid_msg(episode_id: bytes) -> UUID:
+    return UUID(uuid=list(episode_id))
+
+
+def uuid_bytes(msg: UUID) -> bytes:
+    return bytes(bytearray(msg.uuid))
+
+
+def new_uuid_bytes() -> bytes:
+    return uuid.uuid4().bytes
 
 
 def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
     desc = spec.description + (f" [{spec.units}]" if spec.units else "")
     if spec.choices:
         desc += f" (one of: {', '.join(spec.choices)})"
-    d = ParameterDescriptor(name=spec.name, type=_PARAM_TYPES[spec.type][0], description=desc, read_only=True)
+    d = ParameterDescriptor(name=spec.name, type=_PARAM_TYPES[spec.type][0], description=desc)
     if spec.type == "double" and spec.low is not None and spec.high is not None:
         d.floating_point_range = [FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high), step=0.0)]
     if spec.type == "int" and spec.low is not None and spec.high is not None:
@@ -59,11 +104,11 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return d
 
 
-def declare_and_read(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
-    """Declare ``specs`` on ``node`` and return their validated values (ConfigError names the key)."""
-    specs = list(specs)
-    values: dict[str, Any] = {}
+def declare(node: Node, specs: Iterable[ParamSpec]) -> None:
+    """Declare ``specs`` on ``node`` (those not declared yet); a bad override raises ConfigError naming the key."""
     for spec in specs:
+        if node.has_parameter(spec.name):
+            continue
         default = spec.default
         try:
             if isinstance(default, list) and not default:
@@ -71,21 +116,190 @@ def declare_and_read(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
                 node.declare_parameter(spec.name, _PARAM_TYPES[spec.type][1], _descriptor(spec))
             else:
                 node.declare_parameter(spec.name, default, _descriptor(spec))
-            try:
-                value = node.get_parameter(spec.name).value
-            except ParameterUninitializedException:
-                value = None  # declared by type and not overridden: the spec's default applies
         except Exception as exc:  # rclpy raises several unrelated types for a bad override
             raise ConfigError(f"{spec.name}: {exc}") from exc
-        values[spec.name] = default if value is None else (list(value) if spec.type.endswith("_array") else value)
+
+
+def read(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
+    """The current values of declared ``specs``, validated (ConfigError names the key)."""
+    specs = list(specs)
+    values: dict[str, Any] = {}
+    for spec in specs:
+        given = node._parameter_overrides.get(spec.name)  # rclpy keeps the params-file values here
+        if given is not None and given.type_ == Parameter.Type.NOT_SET and spec.default not in (None, [], ""):
+            # rcl reads `key: []` as "no value"; silently running on the default (a workspace!) is worse.
+            raise ConfigError(f"{spec.name}: an empty value in the params file; give the values (default "
+                              f"{spec.default!r}) or remove the key")
+        try:
+            value = node.get_parameter(spec.name).value
+        except ParameterUninitializedException:
+            value = None  # declared by type and not overridden: the spec's default applies
+        values[spec.name] = spec.default if value is None else \
+            (list(value) if spec.type.endswith("_array") else value)
     return resolve(specs, values)
 
 
+def declare_and_read(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
+    """Declare ``specs`` on ``node`` and return their validated values (ConfigError names the key)."""
+    specs = list(specs)
+    declare(node, specs)
+    return read(node, specs)
+
+
+class LiveParameters:
+    """``ros2 param set`` for a configured node: live keys are validated and applied, others refused.
+
+    While the node is unconfigured every declared parameter may be set (configure validates them
+    all). Once configured, a key in ``live`` is checked by its ParamSpec, then by ``check(changes)``
+    (the node's cross-checks; returns "" or the reason), then ``apply(changes)`` runs; a key not in
+    ``live`` is refused with the way to change it (cleanup, set, configure).
+    """
+
+    def __init__(self, node: Node, specs: Iterable[ParamSpec], live: Iterable[str],
+                 check: Callable[[dict[str, Any]], str], apply: Callable[[dict[str, Any]], None]) -> None:
+        self._node = node
+        self._specs = {s.name: s for s in specs}
+        self._live = frozenset(live)
+        self._check, self._apply = check, apply
+        self.configured = False
+        node.add_on_set_parameters_callback(self._on_set)
+
+    @property
+    def live(self) -> frozenset[str]:
+        return self._live
+
+    def _on_set(self, params: list[Parameter]) -> SetParametersResult:
+        if not self.configured:
+            return SetParametersResult(successful=True)
+        changes: dict[str, Any] = {}
+        for p in params:
+            if p.name not in self._live:
+                return SetParametersResult(successful=False, reason=(
+                    f"{p.name} is not live: deactivate and clean up the node, set it, then configure and activate "
+                    f"(live parameters: {', '.join(sorted(self._live))})"))
+            value = list(p.value) if isinstance(p.value, (list, tuple)) or hasattr(p.value, "tolist") else p.value
+            try:
+                changes[p.name] = self._specs[p.name].validate(value)
+            except ConfigError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        try:
+            reason = self._check(changes)
+        except ConfigError as exc:
+            reason = str(exc)
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
+        self._apply(changes)
+        self._node.get_logger().info("parameters changed live: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return SetParametersResult(successful=True)
+
+
+def guarded(node: Node, name: str, on_error: Callable[[BaseException], None] | None = None,
+            counter: Counter | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a callback: an unexpected exception is counted, logged once per (callback, type), and
+    ``on_error`` puts the node into a safe state (a hold). rclpy would re-raise it from spin and
+    end the process, and with it the safety node's command stream."""
+    seen: set[str] = set()
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # the point: nothing escapes into the executor
+                if counter is not None:
+                    counter[f"callback_errors:{name}"] += 1
+                kind = type(exc).__name__
+                if kind not in seen:
+                    seen.add(kind)
+                    node.get_logger().error(f"{name}: unexpected {kind}: {exc!s:.300}; holding (logged once)")
+                if on_error is not None:
+                    try:
+                        on_error(exc)
+                    except Exception as inner_exc:
+                        node.get_logger().error(f"{name}: hold after the error failed too: {inner_exc!s:.200}",
+                                                throttle_duration_sec=5.0)
+                return None
+        return inner
+    return wrap
+
+
+def _own_copy(qos: Any) -> Any:
+    """rclpy applies qos_overrides to the profile object it is given, in place: a shared module-level
+    profile would carry one node's override to every later topic of the process."""
+    return copy.copy(qos) if isinstance(qos, QoSProfile) else qos
+
+
+class ConfiguredEntities:
+    """What a managed node creates in configure and destroys in cleanup: its publishers,
+    subscriptions, services and named timers (a named timer can be re-made at a new period)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._entities: list[tuple[Callable[[Any], Any], Any]] = []
+        self._timers: dict[str, Any] = {}
+
+    def _keep(self, destroy: Callable[[Any], Any], entity: Any) -> Any:
+        self._entities.append((destroy, entity))
+        return entity
+
+    def publisher(self, msg_type: Any, topic: str, qos: Any, **kwargs: Any) -> Any:
+        return self._keep(self._node.destroy_publisher,
+                          self._node.create_publisher(msg_type, topic, _own_copy(qos), **kwargs))
+
+    def subscription(self, msg_type: Any, topic: str, callback: Callable[[Any], Any], qos: Any,
+                     **kwargs: Any) -> Any:
+        return self._keep(self._node.destroy_subscription,
+                          self._node.create_subscription(msg_type, topic, callback, _own_copy(qos), **kwargs))
+
+    def service(self, *args: Any, **kwargs: Any) -> Any:
+        return self._keep(self._node.destroy_service, self._node.create_service(*args, **kwargs))
+
+    def timer(self, name: str, period_s: float, callback: Callable[[], Any]) -> None:
+        """Create the timer ``name``, replacing one of that name (a live rate change)."""
+        old = self._timers.pop(name, None)
+        if old is not None:
+            self._node.destroy_timer(old)
+        self._timers[name] = self._node.create_timer(period_s, callback)
+
+    def has_timer(self, name: str) -> bool:
+        return name in self._timers
+
+    def destroy_all(self) -> None:
+        for timer in self._timers.values():
+            self._node.destroy_timer(timer)
+        self._timers.clear()
+        for destroy, entity in reversed(self._entities):
+            destroy(entity)
+        self._entities.clear()
+
+
+def configure_failure(node: Node, exc: BaseException) -> TransitionCallbackReturn:
+    """Log a failed configure (the node stays unconfigured) and remember it for autostart."""
+    node.configure_error = str(exc)  # type: ignore[attr-defined]
+    node.get_logger().error(f"configure failed, node stays unconfigured: {exc}")
+    return TransitionCallbackReturn.FAILURE
+
+
+def autostart(node: Node) -> None:
+    """Take a lifecycle node with ``autostart: true`` to active; a failed configure -> ConfigError."""
+    if not isinstance(node, LifecycleNode) or not node.get_parameter(AUTOSTART).value:
+        return
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        raise ConfigError(getattr(node, "configure_error", "") or f"{node.get_name()}: configure failed")
+    if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+        raise ConfigError(f"{node.get_name()}: activate failed")
+
+
 def reject_unknown_overrides(node: Node, allow_prefixes: tuple[str, ...] = ()) -> None:
-    """Fail on params-file keys that no spec declared (typos must not be silently ignored)."""
+    """Fail on params-file keys that no spec declared (typos must not be silently ignored).
+
+    Call it after the node created its topics: rclpy declares the ``qos_overrides.*`` keys of
+    topics created with :data:`QOS_OVERRIDES` then, and an override for any other topic is unknown.
+    """
     declared = set(node._parameters)  # rclpy keeps declared parameters here
     unknown = sorted(k for k in node._parameter_overrides
-                     if k not in declared and k != "use_sim_time" and not k.startswith(allow_prefixes))
+                     if k not in declared and k not in ("use_sim_time", "start_type_description_service")
+                     and not k.startswith(allow_prefixes))
     if unknown:
         raise ConfigError(f"unknown parameter(s) for node {node.get_name()}: {', '.join(unknown)}")
 
@@ -125,6 +339,7 @@ def run_nodes(build: Callable[[list[Node]], None], args: list[str] | None = None
     try:
         build(nodes)
         for node in nodes:
+            autostart(node)
             executor.add_node(node)
         if on_ready is not None:
             on_ready(nodes)

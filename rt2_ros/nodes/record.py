@@ -1,13 +1,19 @@
 """``rt2-record``: record an rt2_ros run (simulated or real arm) to an MCAP file.
 
-Subscribes to the rt2 topics (camera, instruction, model tokens, arm actions, safety status,
-controller commands, measured end-effector pose; see :data:`rt2_ros.recording.DEFAULT_TOPICS`)
-with the reliability/durability their publishers use, so latched topics (instruction, safety
-status) arrive even when they were published before the recorder started. Messages are taken
+Subscribes to the rt2 topics (camera, instruction, episode announcements, model tokens, arm
+actions, safety status, controller commands, measured end-effector pose; see
+:data:`rt2_ros.recording.DEFAULT_TOPICS`) with the reliability/durability their publishers use,
+so latched topics (safety status, e-stop) arrive even when they were published before the
+recorder started; instructions and episodes are volatile events, recorded from the moment the
+recorder runs (start it before sending the instruction). Messages are taken
 as raw CDR bytes (``raw=True``): nothing is decoded and re-encoded, a camera frame costs one
 copy, and the file holds exactly what went over DDS. The parameters of the running
-``rt2_policy`` and ``rt2_safety`` nodes are fetched over their parameter services (whenever
-they appear) and stored as metadata, which is what ``rt2-replay`` compares against.
+``rt2_policy`` and ``rt2_safety`` nodes are fetched over their parameter services as soon as
+they appear (polled every 0.2 s) and stored as metadata, which is what ``rt2-replay`` compares
+against; once all are stored the recorder prints ``rt2-record: stored the parameters of ...``
+(``rt2-demo`` waits for that line before it sends the instruction). On stop, parameters still
+missing are waited for while their node answers (up to 5 s); the metadata names the nodes whose
+parameters are in the file (``params_from``) and those that are not (``params_missing``).
 
 Ctrl-C / SIGTERM / ``--duration`` end the recording; the file is always finalised. The file is
 flushed every second, so even a killed recorder leaves a file ``mcap recover`` can repair.
@@ -21,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,8 +45,10 @@ from rt2_ros.recording import (
 )
 
 _IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-_PARAM_POLL_PERIOD_S = 1.0
+_PARAM_POLL_PERIOD_S = 0.2
 _PARAM_CALL_TIMEOUT_S = 5.0
+# On stop, how long to wait for parameters not fetched yet from nodes that are still there.
+_PARAM_FINAL_WAIT_S = 5.0
 # The recorder's own queue is deeper than the publishers' so a slow write (a big frame) does
 # not make DDS drop the small messages that arrive meanwhile; depth never affects matching.
 _MIN_SUBSCRIPTION_DEPTH = 50
@@ -92,14 +100,14 @@ class _ParamFetch:
 
     client: Any
     future: Any = None  # the call in flight, None when idle
-    started: float = 0.0  # monotonic time the fetch started
+    started: float = 0.0  # monotonic time the call in flight was sent
     pending: dict[str, Any] | None = None  # one-name-at-a-time phase: name -> value
-    left: int = 0
+    queue: list[str] = field(default_factory=list)  # one-name-at-a-time phase: names still to get
 
     def reset(self) -> None:
         if self.future is not None and not self.future.done():
             self.future.cancel()
-        self.future, self.pending, self.left = None, None, 0
+        self.future, self.pending, self.queue = None, None, []
 
 
 class RecordNode:
@@ -130,8 +138,11 @@ class RecordNode:
                              durability=DurabilityPolicy(spec.durability))
             self.node.create_subscription(import_message_type(type_name), topic, partial(self._on_message, topic),
                                           qos, raw=True)
-        self._string_topics = {t for t, ty in topics.items() if ty == "std_msgs/msg/String" and
-                               t.endswith("instruction")}
+        # The run's instructions (metadata): from the episode announcements, which cover goals and
+        # the instruction topic alike; from the instruction topic only when /episode is not recorded.
+        self._episode_topics = {t for t, ty in topics.items() if ty == "rt2_ros_interfaces/msg/Episode"}
+        self._string_topics = set() if self._episode_topics else {
+            t for t, ty in topics.items() if ty == "std_msgs/msg/String" and t.endswith("instruction")}
         self.params: dict[str, dict[str, Any]] = {}  # node name -> its parameters, once fetched
         self._param_node = rclpy.create_node(f"{node_name}_params") if param_nodes else None
         self._param_fetches = {name: _ParamFetch(AsyncParameterClient(self._param_node, name))
@@ -139,14 +150,32 @@ class RecordNode:
         if self._param_node is not None:
             self._param_node.create_timer(_PARAM_POLL_PERIOD_S, self._poll_params)
             self.executor.add_node(self._param_node)
+        # Until they are fetched, the file says whose parameters it lacks (a killed recorder's too).
+        recorder.add_metadata(META_RUN, {"params_from": [], "params_missing": list(param_nodes)})
 
     def spin_once(self, timeout_s: float) -> None:
         """Handle one callback (or wait up to ``timeout_s``)."""
         self.executor.spin_once(timeout_sec=timeout_s)
-        if self._param_node is not None and len(self.params) == len(self._param_fetches):
+        if self._param_node is not None and not self.params_missing:
             self.executor.remove_node(self._param_node)
             self._param_node.destroy_node()
             self._param_node = None
+
+    @property
+    def params_missing(self) -> list[str]:
+        """The nodes whose parameters are not stored yet."""
+        return [name for name in self._param_fetches if name not in self.params]
+
+    def finish_params(self, timeout_s: float) -> list[str]:
+        """Before the file closes: keep fetching the missing parameters of nodes that are still
+        there (their parameter services answer) for up to ``timeout_s``; returns those still missing."""
+        deadline = time.monotonic() + timeout_s
+        while self.params_missing and time.monotonic() < deadline:
+            reachable = [n for n in self.params_missing if self._param_fetches[n].client.services_are_ready()]
+            if not reachable:
+                break
+            self.spin_once(0.05)
+        return self.params_missing
 
     def _now_ns(self) -> int:
         # ROS time: sim time under use_sim_time (0 before the first /clock), never a mix of clocks
@@ -154,14 +183,22 @@ class RecordNode:
 
     def _on_message(self, topic: str, data: bytes) -> None:
         self.recorder.write(topic, data, self._now_ns())
-        if topic in self._string_topics:
+        text = None
+        if topic in self._episode_topics:
+            from rclpy.serialization import deserialize_message
+
+            from rt2_ros_interfaces.msg import Episode
+
+            episode = deserialize_message(data, Episode)
+            text = episode.instruction if episode.active else None
+        elif topic in self._string_topics:
             from rclpy.serialization import deserialize_message
             from std_msgs.msg import String
 
             text = deserialize_message(data, String).data
-            if not self.instructions or self.instructions[-1] != text:
-                self.instructions.append(text)
-                self.recorder.add_metadata(META_RUN, {"instruction": text, "instructions": self.instructions})
+        if text is not None and (not self.instructions or self.instructions[-1] != text):
+            self.instructions.append(text)
+            self.recorder.add_metadata(META_RUN, {"instruction": text, "instructions": self.instructions})
 
     # -- parameters of the running nodes ------------------------------------------------------------
     def _poll_params(self) -> None:
@@ -194,11 +231,20 @@ class RecordNode:
             self._store_params(name, dict(zip(names, values, strict=True)))
             return
         # rclpy answers a batch with nothing at all when one parameter is declared without a
-        # value (e.g. an empty list declared by type): ask again one name at a time.
-        fetch.pending, fetch.left = {}, len(names)
-        for key in names:
-            fetch.future = fetch.client.get_parameters([key])
-            fetch.future.add_done_callback(partial(self._on_get_one, name, key, fetch.pending))
+        # value (e.g. an empty list declared by type): ask again one name at a time, one request
+        # in flight. A burst of requests lost answers: the service's response queue keeps 10, and
+        # a node has more parameters than that.
+        fetch.pending, fetch.queue = {}, list(names)
+        self._get_next(name, fetch)
+
+    def _get_next(self, name: str, fetch: _ParamFetch) -> None:
+        assert fetch.pending is not None
+        if not fetch.queue:
+            self._store_params(name, {k: v for k, v in fetch.pending.items() if v is not None})
+            return
+        key = fetch.queue.pop(0)
+        fetch.future, fetch.started = fetch.client.get_parameters([key]), time.monotonic()
+        fetch.future.add_done_callback(partial(self._on_get_one, name, key, fetch.pending))
 
     def _on_get_one(self, name: str, key: str, pending: dict[str, Any], future: Any) -> None:
         fetch = self._param_fetches[name]
@@ -206,9 +252,7 @@ class RecordNode:
             return
         values = list(future.result().values)
         pending[key] = values[0] if values else None  # None: declared but unset
-        fetch.left -= 1
-        if fetch.left == 0:
-            self._store_params(name, {k: v for k, v in pending.items() if v is not None})
+        self._get_next(name, fetch)
 
     def _store_params(self, name: str, raw: dict[str, Any]) -> None:
         from rclpy.parameter import parameter_value_to_python
@@ -228,8 +272,11 @@ class RecordNode:
         for node_values in self.params.values():
             merged.update(node_values)
         self.recorder.add_metadata(META_PARAMS, merged)
-        self.recorder.add_metadata(META_RUN, {"params_from": sorted(self.params)})
+        self.recorder.add_metadata(META_RUN, {"params_from": sorted(self.params),
+                                              "params_missing": self.params_missing})
         self.node.get_logger().info(f"stored {len(values)} parameters of {name}")
+        if not self.params_missing:  # one line a supervisor (rt2-demo) can wait for
+            print(f"rt2-record: stored the parameters of {', '.join(sorted(self.params))}", flush=True)
 
     def destroy(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)
@@ -282,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                 stop["why"] = "duration"
                 break
             node.spin_once(0.1)
+        if node.params_missing:
+            # A recording must say what produced it: wait (briefly) for nodes that are still there.
+            missing = node.finish_params(_PARAM_FINAL_WAIT_S)
+            if missing:
+                print(f"rt2-record: warning: no parameters of {', '.join(missing)} in {out} (no answer on the "
+                      "parameter services: not running, or on another ROS_DOMAIN_ID); rt2-replay will assume the "
+                      "defaults", file=sys.stderr, flush=True)
     except RecordingError as exc:
         errors.append(str(exc))
     finally:

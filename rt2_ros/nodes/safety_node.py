@@ -1,40 +1,62 @@
 """ROS 2 safety node: every arm action passes the pure SafetyFilter before the controller.
 
-In: ``arm_action`` (rt2_ros_interfaces/ArmAction), ``instruction`` (std_msgs/String, latched),
-``ee_pose`` (geometry_msgs/PoseStamped, measured end-effector pose, required to start an
-episode), ``estop`` (std_msgs/Bool, true latches the e-stop).
+A managed (lifecycle) node. In: ``arm_action`` (rt2_ros_interfaces/ArmAction), ``episode``
+(rt2_ros_interfaces/Episode: the policy node announces each episode; only actions of the episode
+last announced are executed), ``ee_pose`` (geometry_msgs/PoseStamped, measured end-effector pose,
+required to start an episode), ``estop`` (std_msgs/Bool, true latches the e-stop).
 Out, re-published at ``safety.command_rate_hz`` and freshly stamped (MoveIt Servo drops commands
 older than 0.1 s, and a zero twist is the keep-alive while holding):
 ``servo_node/delta_twist_cmds`` (geometry_msgs/TwistStamped), ``target_pose``
-(geometry_msgs/PoseStamped), ``gripper_command`` (std_msgs/Float64); plus ``~/status``
+(geometry_msgs/PoseStamped), ``gripper_command`` (std_msgs/Float64, only once an episode's action
+set it: a restarted node never commands the open value on its own); plus ``~/status``
 (rt2_ros_interfaces/SafetyStatus, latched), ``/diagnostics`` and ``~/markers`` (RViz).
 Services ``~/estop`` and ``~/reset`` (std_srvs/Trigger).
+
+Lifecycle: configure validates the parameters and creates the topics; from then on the command
+stream runs (zero twists unless active and RUNNING); activate lets episodes start; deactivate
+ends the episode and holds. Every callback is guarded: an exception holds the arm, is counted and
+logged once, and the command stream goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import Counter, deque
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseStamped, TwistStamped
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
-from std_msgs.msg import Bool, ColorRGBA, Float64, String
+from std_msgs.msg import Bool, ColorRGBA, Float64
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from rt2_ros.actions import ArmAction
+from rt2_ros.episode import NO_EPISODE, short_id
 from rt2_ros.nodes.common import (
     ACTION_QOS,
+    AUTOSTART_PARAM,
     COMMAND_QOS,
+    EVENT_QOS,
     LATCHED_QOS,
-    declare_and_read,
+    QOS_OVERRIDES,
+    ConfiguredEntities,
+    LiveParameters,
+    configure_failure,
+    declare,
+    guarded,
+    read,
     reject_unknown_overrides,
     run_node,
+    stamp_to_sec,
+    uuid_bytes,
+    uuid_msg,
 )
 from rt2_ros.params import ParamSpec
 from rt2_ros.safety import SAFETY_PARAMS, SafeCommand, SafetyConfig, SafetyFilter, SafetyState
 from rt2_ros_interfaces.msg import ArmAction as ArmActionMsg
+from rt2_ros_interfaces.msg import Episode as EpisodeMsg
 from rt2_ros_interfaces.msg import SafetyStatus
 
 OUTPUT_PARAMS: tuple[ParamSpec, ...] = (
@@ -46,57 +68,172 @@ OUTPUT_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("output.gripper_closed_value", "double", 1.0,
               "gripper_command value for a fully closed gripper", "", -1e3, 1e3),
     ParamSpec("output.status_rate_hz", "double", 5.0, "Rate of ~/status and /diagnostics", "Hz", 0.2, 50.0),
+    ParamSpec("output.frame_aliases", "string_array", [],
+              "Other names of output.frame_id accepted in ee_pose and arm_action headers (e.g. base_link); any "
+              "other frame is a fault naming both frames"),
     ParamSpec("ee_pose_timeout_s", "double", 0.5,
               "A measured ee_pose older than this is not used; starting an episode needs a fresh one", "s",
               0.01, 10.0),
 )
 
 
-class SafetyNode(Node):
+# Parameters that `ros2 param set` may change on a configured node (checked like at start-up).
+LIVE_PARAMS = frozenset(spec.name for spec in SAFETY_PARAMS) | {"ee_pose_timeout_s", "output.frame_aliases"}
+_ENDED_EPISODES_KEPT = 64  # ids remembered to tell a straggler ("stale_episode") from a stranger
+
+
+class SafetyNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__("rt2_safety", **kwargs)
-        params = declare_and_read(self, SAFETY_PARAMS + OUTPUT_PARAMS)
-        reject_unknown_overrides(self)
-        self.filter = SafetyFilter(SafetyConfig.from_params({k: v for k, v in params.items()
-                                                             if k.startswith("safety.")}))
+        declare(self, SAFETY_PARAMS + OUTPUT_PARAMS + (AUTOSTART_PARAM,))
+        self.live_params = LiveParameters(self, SAFETY_PARAMS + OUTPUT_PARAMS, LIVE_PARAMS,
+                                          self._check_live, self._apply_live)
+        self.filter: SafetyFilter | None = None
+        self._active = False
+        self._activated_stamp = 0.0  # ROS time of the last activation: older episodes are not started
+        self._owned = ConfiguredEntities(self)
+        self.drops: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._drops_logged: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            params = read(self, SAFETY_PARAMS + OUTPUT_PARAMS)
+            self.filter = SafetyFilter(SafetyConfig.from_params({k: v for k, v in params.items()
+                                                                 if k.startswith("safety.")}))
+            self._create_entities(params)
+            reject_unknown_overrides(self)
+        except Exception as exc:  # ConfigError names the key; anything else is a bug, reported the same way
+            self._destroy_entities()
+            self.filter = None
+            return configure_failure(self, exc)
+        self.live_params.configured = True
+        cfg = self.filter.config
+        self.get_logger().info(
+            f"safety node configured: {cfg.command_rate_hz:.0f} Hz, workspace {list(cfg.workspace_min)}..."
+            f"{list(cfg.workspace_max)} m, watchdog {cfg.watchdog_timeout_s} s")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._activated_stamp = self.get_clock().now().nanoseconds * 1e-9
+        self._active = True
+        self._publish_status()
+        self.get_logger().info("safety node active: waiting for an episode (send an instruction)")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._end_episode("node deactivated")
+        self._active = False
+        self._publish_hold()
+        self._publish_status()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._publish_hold()
+        self._destroy_entities()
+        self.filter = None
+        self.live_params.configured = False
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.filter is not None:
+            self._publish_hold()
+        self._destroy_entities()
+        self.filter = None
+        self.live_params.configured = False
+        return TransitionCallbackReturn.SUCCESS
+
+    def _create_entities(self, params: dict) -> None:
         self.frame_id = params["output.frame_id"]
+        self.frame_ids = {self.frame_id, *params["output.frame_aliases"]}
         self.gripper_open = params["output.gripper_open_value"]
         self.gripper_closed = params["output.gripper_closed_value"]
         self.pose_timeout = params["ee_pose_timeout_s"]
-        self.episode_id = 0
+        self.episode_id = NO_EPISODE
         self.instruction = ""
+        self.ended_episodes: deque[bytes] = deque(maxlen=_ENDED_EPISODES_KEPT)
         self.last_seq = 0
         self._pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None  # p, q(wxyz), monotonic
-        self._gripper_cmd = 0.0
-        self._last_gripper_pub = (-1.0, 0.0)  # value, monotonic
-        self._last_state: SafetyState | None = None
+        self._last_gripper_pub: tuple[float, float] | None = None  # value, monotonic
+        self._last_state: int | None = None
         self._last_tick_reasons: tuple[str, ...] = ()
-        self._episode_drops = 0
 
-        self.twist_pub = self.create_publisher(TwistStamped, "servo_node/delta_twist_cmds", COMMAND_QOS) \
-            if params["output.twist"] else None
-        self.pose_pub = self.create_publisher(PoseStamped, "target_pose", COMMAND_QOS) \
+        hold_on_error = guarded(self, "safety callback", self._hold_on_error, self.errors)
+        pub = self._owned.publisher
+        self.twist_pub = pub(TwistStamped, "servo_node/delta_twist_cmds", COMMAND_QOS,
+                             qos_overriding_options=QOS_OVERRIDES) if params["output.twist"] else None
+        self.pose_pub = pub(PoseStamped, "target_pose", COMMAND_QOS, qos_overriding_options=QOS_OVERRIDES) \
             if params["output.pose"] else None
-        self.gripper_pub = self.create_publisher(Float64, "gripper_command", COMMAND_QOS)
-        self.status_pub = self.create_publisher(SafetyStatus, "~/status", LATCHED_QOS)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.marker_pub = self.create_publisher(MarkerArray, "~/markers", LATCHED_QOS)
+        self.gripper_pub = pub(Float64, "gripper_command", COMMAND_QOS, qos_overriding_options=QOS_OVERRIDES)
+        self.status_pub = pub(SafetyStatus, "~/status", LATCHED_QOS)
+        self.diag_pub = pub(DiagnosticArray, "/diagnostics", 10)
+        self.marker_pub = pub(MarkerArray, "~/markers", LATCHED_QOS)
 
-        self.create_subscription(ArmActionMsg, "arm_action", self._on_action, ACTION_QOS)
-        self.create_subscription(String, "instruction", self._on_instruction, LATCHED_QOS)
-        self.create_subscription(PoseStamped, "ee_pose", self._on_pose, qos_profile_sensor_data)
-        self.create_subscription(Bool, "estop", self._on_estop_topic, LATCHED_QOS)
-        self.create_service(Trigger, "~/estop", self._on_estop_srv)
-        self.create_service(Trigger, "~/reset", self._on_reset_srv)
+        sub = self._owned.subscription
+        sub(ArmActionMsg, "arm_action", hold_on_error(self._on_action), ACTION_QOS,
+            qos_overriding_options=QOS_OVERRIDES)
+        sub(EpisodeMsg, "episode", hold_on_error(self._on_episode), EVENT_QOS)
+        sub(PoseStamped, "ee_pose", hold_on_error(self._on_pose), qos_profile_sensor_data,
+            qos_overriding_options=QOS_OVERRIDES)
+        sub(Bool, "estop", guarded(self, "estop", self._estop_on_error, self.errors)(self._on_estop_topic),
+            LATCHED_QOS)
+        srv = self._owned.service
+        srv(Trigger, "~/estop", guarded(self, "estop service", self._estop_on_error, self.errors)(self._on_estop_srv))
+        srv(Trigger, "~/reset", hold_on_error(self._on_reset_srv))
 
-        cfg = self.filter.config
-        self.create_timer(1.0 / cfg.command_rate_hz, self._tick)
-        self.create_timer(1.0 / params["output.status_rate_hz"], self._publish_status)
-        self.create_timer(1.0, self._publish_markers)
+        self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._tick)
+        self._owned.timer("status", 1.0 / params["output.status_rate_hz"], hold_on_error(self._publish_status))
+        self._owned.timer("markers", 1.0, guarded(self, "markers", None, self.errors)(self._publish_markers))
         self._publish_status()
-        self.get_logger().info(
-            f"safety node ready: {cfg.command_rate_hz:.0f} Hz, workspace {list(cfg.workspace_min)}..."
-            f"{list(cfg.workspace_max)} m, watchdog {cfg.watchdog_timeout_s} s")
+
+    def _destroy_entities(self) -> None:
+        self._owned.destroy_all()
+        self.twist_pub = self.pose_pub = self.gripper_pub = self.status_pub = None
+
+    # -- live parameters --------------------------------------------------------------------------
+    def _changed_config(self, changes: dict) -> SafetyConfig:
+        assert self.filter is not None
+        current = self.filter.config.to_params()
+        current.update({k: v for k, v in changes.items() if k.startswith("safety.")})
+        return SafetyConfig.from_params(current)
+
+    def _check_live(self, changes: dict) -> str:
+        if self.filter is None:
+            return ""
+        return self.filter.check_config(self._changed_config(changes))
+
+    def _apply_live(self, changes: dict) -> None:
+        assert self.filter is not None
+        if any(k.startswith("safety.") for k in changes):
+            old_rate = self.filter.config.command_rate_hz
+            self.filter.update_config(self._changed_config(changes))
+            if self.filter.config.command_rate_hz != old_rate:
+                self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._tick)
+        if "ee_pose_timeout_s" in changes:
+            self.pose_timeout = changes["ee_pose_timeout_s"]
+        if "output.frame_aliases" in changes:
+            self.frame_ids = {self.frame_id, *changes["output.frame_aliases"]}
+
+    # -- errors -----------------------------------------------------------------------------------
+    def _hold_on_error(self, exc: BaseException) -> None:
+        if self.filter is not None:
+            self.filter.fault(f"internal error: {type(exc).__name__}", latch=True)
+        self._publish_hold()
+
+    def _estop_on_error(self, exc: BaseException) -> None:
+        # An e-stop request that failed half-way still latches the e-stop.
+        if self.filter is not None:
+            self.filter.estop(f"estop request failed: {type(exc).__name__}")
+        self._publish_hold()
+
+    def _drop(self, cause: str, detail: str) -> None:
+        """Count an arm action that is not executed; the first of each cause is logged."""
+        self.drops[cause] += 1
+        if cause not in self._drops_logged:
+            self._drops_logged.add(cause)
+            self.get_logger().warning(f"arm action not executed ({cause}): {detail} (logged once per cause; "
+                                      f"counts in ~/status and /diagnostics)")
 
     # -- inputs ---------------------------------------------------------------------------------
     def _fresh_pose(self):
@@ -104,53 +241,107 @@ class SafetyNode(Node):
             return None
         return self._pose
 
+    def _frame_ok(self, frame: str, topic: str) -> bool:
+        if frame in self.frame_ids:
+            return True
+        assert self.filter is not None
+        why = f"{topic} frame {frame!r} is not output.frame_id {self.frame_id!r} (or an output.frame_aliases entry)"
+        if self.filter.state not in (SafetyState.FAULT, SafetyState.ESTOPPED):
+            self.get_logger().error(f"fault: {why}")
+        self.filter.fault(why, latch=True)
+        self._publish_hold()
+        self._publish_status()
+        return False
+
     def _on_pose(self, msg: PoseStamped) -> None:
+        if not self._frame_ok(msg.header.frame_id, "ee_pose"):
+            self._pose = None
+            return
         p, q = msg.pose.position, msg.pose.orientation
         self._pose = ((p.x, p.y, p.z), (q.w, q.x, q.y, q.z), time.monotonic())
 
-    def _on_instruction(self, msg: String) -> None:
-        self.instruction = msg.data.strip()
-        if not self.instruction:
-            self.filter.stop_episode("empty instruction")
+    def _on_episode(self, msg: EpisodeMsg) -> None:
+        assert self.filter is not None
+        episode_id = uuid_bytes(msg.episode_id)
+        if not self._active:
+            self.get_logger().warning(f"episode {short_id(episode_id)} ignored: node not active",
+                                      throttle_duration_sec=2.0)
+            return
+        if msg.active and (episode_id == self.episode_id or episode_id in self.ended_episodes):
+            return  # a repeat (the policy repeats until it sees the episode in ~/status), or one that ended
+        if msg.active and stamp_to_sec(msg.header.stamp) < self._activated_stamp:
+            self.get_logger().warning(f"episode {short_id(episode_id)} ignored: issued before this node became "
+                                      "active (a restarted safety node waits for a fresh instruction)",
+                                      throttle_duration_sec=2.0)
+            return
+        if not msg.active:
+            if episode_id == self.episode_id:
+                self._end_episode(msg.reason or "ended by the policy node")
+                self.get_logger().info(f"episode {short_id(episode_id)} ended by the policy node: {msg.reason}")
+            return
+        if self.episode_id != NO_EPISODE:
+            self.ended_episodes.append(self.episode_id)
+        self.episode_id = episode_id
+        self.instruction = msg.instruction.strip()
+        pose = self._fresh_pose()
+        if self.filter.state == SafetyState.ESTOPPED:
+            self.get_logger().error(f"episode {short_id(episode_id)} not started: e-stop latched; call ~/reset first")
+        elif pose is None:
+            self.filter.fault("no fresh end-effector pose on ee_pose; cannot start the episode", latch=True)
+            self._publish_hold()
+            self.get_logger().error(f"episode {short_id(episode_id)} not started: no fresh ee_pose "
+                                    f"(is the arm driver publishing?)")
+        elif self.filter.start_episode(pose[0], pose[1], None, time.monotonic()):
+            # Hold until the first action: the model may take longer than the watchdog to answer.
+            self.filter.hold("waiting for the first action")
+            self.get_logger().info(f"episode {short_id(episode_id)}: {self.instruction!r}")
         else:
-            # Stop the motion now; the policy's first action of the new episode (it carries the
-            # new episode id) starts it. Not stop_episode(): instruction and actions travel on
-            # different topics, so that first action may already be here, and IDLE would make
-            # the safety node ignore the whole new episode.
-            self.filter.hold("new instruction")
+            self._publish_hold()
+            self.get_logger().error(f"episode {short_id(episode_id)} refused: {', '.join(self.filter.last_reasons)}")
+        self._publish_status()
+
+    def _end_episode(self, reason: str) -> None:
+        """The current episode is over: hold now (not at the next tick) and forget it."""
+        if self.filter is None:
+            return
+        if self.episode_id != NO_EPISODE:
+            self.ended_episodes.append(self.episode_id)
+        self.episode_id = NO_EPISODE
+        self.instruction = ""
+        self.filter.stop_episode(reason)
+        self._publish_hold()
         self._publish_status()
 
     def _on_action(self, msg: ArmActionMsg) -> None:
-        now = time.monotonic()
-        if msg.episode_id < self.episode_id:
-            self._episode_drops += 1
-            return  # an action of a cancelled episode
-        if msg.episode_id > self.episode_id:
-            pose = self._fresh_pose()
-            if pose is None:
-                self.filter.fault("no fresh end-effector pose on ee_pose; cannot start the episode")
-                self.get_logger().error("cannot start episode: no fresh ee_pose (is the arm driver publishing?)",
-                                        throttle_duration_sec=2.0)
-                self._publish_status()
-                return
-            self.episode_id = msg.episode_id
-            if not self.filter.start_episode(pose[0], pose[1], self._gripper_cmd, now):
-                self.get_logger().error(f"episode {msg.episode_id} refused: {', '.join(self.filter.last_reasons)}")
-                self._publish_status()
-                return
+        assert self.filter is not None
+        episode_id = uuid_bytes(msg.episode_id)
+        if not self._active:
+            return self._drop("inactive", "the safety node is not active")
+        if episode_id != self.episode_id or episode_id == NO_EPISODE:
+            if episode_id in self.ended_episodes:
+                return self._drop("stale_episode", f"action of the ended episode {short_id(episode_id)}")
+            return self._drop("unknown_episode", f"action of episode {short_id(episode_id)}, which this node was "
+                                                 f"never told about (current: {short_id(self.episode_id)}); "
+                                                 "a (re)started safety node waits for a fresh instruction")
+        if not self._frame_ok(msg.header.frame_id, "arm_action"):
+            return self._drop("wrong_frame", f"frame {msg.header.frame_id!r}")
         action = ArmAction(translation=(msg.translation.x, msg.translation.y, msg.translation.z),
                            rotation=(msg.rotation.x, msg.rotation.y, msg.rotation.z), gripper=msg.gripper,
                            terminate=msg.terminate, gripper_relative=msg.gripper_relative,
                            observation_seq=int(msg.observation_seq))
-        verdict = self.filter.on_action(action, now)
+        verdict = self.filter.on_action(action, time.monotonic())
         if verdict.accepted:
             self.last_seq = int(msg.observation_seq)
-        elif any(r.startswith("rejected") for r in verdict.reasons):
-            self.get_logger().warning(f"action {msg.observation_seq} rejected: {', '.join(verdict.reasons)}",
-                                      throttle_duration_sec=1.0)
-        if msg.terminate:
-            self.get_logger().info(f"episode {self.episode_id} terminated by the policy; holding")
-        if self.filter.state != self._last_state:
+        else:
+            for reason in verdict.reasons:
+                if reason.startswith("ignored:"):
+                    self._drop(reason, f"action {msg.observation_seq} in state {self.filter.state.name}")
+            if any(r.startswith("rejected") for r in verdict.reasons):
+                self.get_logger().warning(f"action {msg.observation_seq} rejected: {', '.join(verdict.reasons)}",
+                                          throttle_duration_sec=1.0)
+        if msg.terminate and verdict.accepted:
+            self.get_logger().info(f"episode {short_id(self.episode_id)} terminated by the policy; holding")
+        if self._status_changed():
             self._publish_status()
 
     def _on_estop_topic(self, msg: Bool) -> None:
@@ -158,6 +349,7 @@ class SafetyNode(Node):
             self._estop("estop topic")
 
     def _estop(self, why: str) -> None:
+        assert self.filter is not None
         self.filter.estop(why)
         self._publish_hold()
         self.get_logger().error(f"E-STOP latched ({why}); call ~/reset to release")
@@ -169,21 +361,46 @@ class SafetyNode(Node):
         return response
 
     def _on_reset_srv(self, request, response):
+        assert self.filter is not None
         response.success = self.filter.reset_estop() or self.filter.clear_fault()
+        if response.success:
+            # Whatever ran before the reset is over: only an instruction issued after it moves the arm.
+            self._end_episode("reset")
         response.message = "released; send a new instruction to move again" if response.success \
             else "nothing to reset (no e-stop or fault latched)"
         self.get_logger().info(f"reset: {response.message}")
         self._publish_status()
         return response
 
+    def _status_changed(self) -> bool:
+        return self._state_code() != self._last_state
+
+    def _state_code(self) -> int:
+        assert self.filter is not None
+        return int(self.filter.state) if self._active else SafetyStatus.INACTIVE
+
     # -- outputs --------------------------------------------------------------------------------
     def _tick(self) -> None:
-        pose = self._fresh_pose()
-        cmd = self.filter.tick(time.monotonic(), *(pose[:2] if pose else (None, None)))
-        self._last_tick_reasons = cmd.reasons
-        self._publish_command(cmd)
-        if cmd.state != self._last_state:
-            self._publish_status()
+        """The command stream: one freshly stamped command per period, whatever else fails."""
+        try:
+            assert self.filter is not None
+            pose = self._fresh_pose()
+            cmd = self.filter.tick(time.monotonic(), *(pose[:2] if pose else (None, None)))
+            self._last_tick_reasons = cmd.reasons
+            if not self._active and cmd.state == SafetyState.RUNNING:  # cannot happen; never move inactive
+                self._publish_hold()
+            else:
+                self._publish_command(cmd)
+            if self._status_changed():
+                self._publish_status()
+        except Exception as exc:  # the zero twist below must go out regardless
+            self.errors["callback_errors:tick"] += 1
+            self.get_logger().error(f"command tick failed ({type(exc).__name__}: {exc!s:.200}); holding",
+                                    throttle_duration_sec=5.0)
+            if self.filter is not None:
+                with contextlib.suppress(Exception):
+                    self.filter.fault(f"internal error: {type(exc).__name__}", latch=True)
+            self._publish_hold()
 
     def _publish_command(self, cmd: SafeCommand) -> None:
         stamp = self.get_clock().now().to_msg()
@@ -201,32 +418,36 @@ class SafetyNode(Node):
             ps.pose.orientation.w, ps.pose.orientation.x = float(q[0]), float(q[1])
             ps.pose.orientation.y, ps.pose.orientation.z = float(q[2]), float(q[3])
             self.pose_pub.publish(ps)
-        self._gripper_cmd = cmd.gripper
+        if cmd.gripper is None:
+            return  # gripper state unknown (no action set it yet): command nothing, never "open"
         value = self.gripper_open + cmd.gripper * (self.gripper_closed - self.gripper_open)
-        last_value, last_time = self._last_gripper_pub
         now = time.monotonic()
-        if abs(value - last_value) > 1e-6 or now - last_time > 1.0:  # on change, and 1 Hz keep-alive
+        last = self._last_gripper_pub
+        if last is None or abs(value - last[0]) > 1e-6 or now - last[1] > 1.0:  # on change, and 1 Hz keep-alive
             self.gripper_pub.publish(Float64(data=float(value)))
             self._last_gripper_pub = (value, now)
 
     def _publish_hold(self) -> None:
-        if self.twist_pub is not None:
+        if getattr(self, "twist_pub", None) is not None:
             t = TwistStamped()
             t.header.stamp, t.header.frame_id = self.get_clock().now().to_msg(), self.frame_id
             self.twist_pub.publish(t)
 
     def _publish_status(self) -> None:
+        if self.filter is None:
+            return
         state = self.filter.state
-        self._last_state = state
+        code = self._state_code()
+        self._last_state = code
         c = self.filter.counters
         s = SafetyStatus()
         s.header.stamp = self.get_clock().now().to_msg()
         s.header.frame_id = self.frame_id
-        s.state, s.state_name = int(state), state.name
+        s.state, s.state_name = code, state.name if self._active else "INACTIVE"
         hold = self.filter.hold_reason
         s.reasons = ([hold] if hold else []) + list(self.filter.last_reasons) + \
             [r for r in self._last_tick_reasons if not r.startswith("hold:")]
-        s.episode_id = self.episode_id
+        s.episode_id = uuid_msg(self.episode_id)
         s.instruction = self.instruction
         s.last_observation_seq = self.last_seq
         last = self.filter.last_action_time
@@ -237,18 +458,25 @@ class SafetyNode(Node):
         s.watchdog_trips = c["watchdog_trips"]
         s.estops = c["estops"]
         s.terminations = c["terminations"]
+        s.faults = c["faults"]
+        drops = sorted(self.drops.items())
+        s.drop_causes = [k for k, _ in drops]
+        s.drop_counts = [int(v) for _, v in drops]
         self.status_pub.publish(s)
 
         d = DiagnosticStatus(name="rt2_safety: safety filter", hardware_id=self.frame_id)
         d.level = {SafetyState.ESTOPPED: DiagnosticStatus.ERROR, SafetyState.FAULT: DiagnosticStatus.ERROR,
                    SafetyState.HOLDING: DiagnosticStatus.WARN}.get(state, DiagnosticStatus.OK)
-        d.message = state.name + (f": {hold}" if hold else "")
-        d.values = [KeyValue(key=k, value=v) for k, v in self.filter.diagnostics().items()]
+        d.message = s.state_name + (f": {hold}" if hold else "")
+        values = {**self.filter.diagnostics(), "episode_id": short_id(self.episode_id),
+                  **{f"dropped:{k}": str(v) for k, v in drops}, **{k: str(v) for k, v in self.errors.items()}}
+        d.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         arr = DiagnosticArray(status=[d])
         arr.header.stamp = s.header.stamp
         self.diag_pub.publish(arr)
 
     def _publish_markers(self) -> None:
+        assert self.filter is not None
         cfg = self.filter.config
         stamp = self.get_clock().now().to_msg()
         markers = [self._box_marker(0, "workspace", cfg.workspace_min, cfg.workspace_max,

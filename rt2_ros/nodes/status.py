@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 import time
 from collections import deque
+from typing import Any
+
+from rt2_ros.episode import short_id
 
 
 def format_line(status, tokens, action, rate_hz: float) -> str:
@@ -18,7 +23,7 @@ def format_line(status, tokens, action, rate_hz: float) -> str:
     parts = []
     if status is not None:
         parts.append(f"safety={status.state_name}")
-        parts.append(f"ep={status.episode_id}")
+        parts.append(f"ep={short_id(bytes(bytearray(status.episode_id.uuid)))}")
         if status.instruction:
             parts.append(f"{status.instruction!r}")
         parts.append(f"ok={status.actions_accepted} clip={status.actions_clipped} rej={status.actions_rejected} "
@@ -38,6 +43,14 @@ def format_line(status, tokens, action, rate_hz: float) -> str:
     return " ".join(parts)
 
 
+def _domain() -> str:
+    return os.environ.get("ROS_DOMAIN_ID") or "0"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rt2-status", description="Live one-line status of rt2_ros.")
     p.add_argument("--once", action="store_true",
@@ -48,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
 
     from rt2_ros.nodes.common import ACTION_QOS, LATCHED_QOS
     from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus
 
-    rclpy.init()
+    # Our own handlers: rclpy's would raise ExternalShutdownException out of spin_once (a traceback, exit 1).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("rt2_status")
     latest: dict[str, object] = {}
     action_times: deque[float] = deque(maxlen=50)
@@ -83,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                 line = format_line(latest.get("status"), latest.get("tokens"), latest.get("action"), rate())
                 print(line, flush=True)
                 if args.once:
-                    return 0 if "status" in latest else 1
+                    if "status" not in latest:
+                        print(f"rt2-status: no /rt2_safety/status within {args.wait:g} s; is rt2-bringup (or the "
+                              f"launch file) running, on this ROS_DOMAIN_ID ({_domain()})?", file=sys.stderr)
+                        return 1
+                    return 0
                 next_print += args.period
     except KeyboardInterrupt:
         return 0
