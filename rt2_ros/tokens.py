@@ -514,8 +514,23 @@ class ActionTokenizer:
         terminate = self.has_terminate and int(b[0]) == self.terminate_bin
         return self.action_from_values(self.values_from_bins(b), terminate, observation_seq)
 
+    def out_of_range(self, action: ArmAction) -> list[str]:
+        """The motion dimensions of ``action`` beyond what the tokens can express (``encode`` clips them to
+        the nearest bin), each as "name value not in [low, high]" in model units."""
+        v = np.asarray(self.values_from_action(action), dtype=np.float64)
+        if self.statistics is not None:
+            v = self.statistics.normalise(v)
+        m = self._motion
+        out = []
+        for name, x, lo, hi in zip(self.dim_names[m], v, self.low[m], self.high[m], strict=True):
+            slack = 1e-9 * (hi - lo)  # float round-off of a value given exactly at a bound
+            if not lo - slack <= x <= hi + slack:
+                out.append(f"{name} {x:.6g} not in [{lo:g}, {hi:g}]")
+        return out
+
     def encode(self, action: ArmAction) -> np.ndarray:
-        """ArmAction -> bins (int64, (n_dims,)); motion beyond the ranges is clipped, as RT-1 does."""
+        """ArmAction -> bins (int64, (n_dims,)); motion beyond the ranges is clipped, as RT-1 does
+        (:meth:`out_of_range` tells which dimensions that clips)."""
         motion = self.bins_from_values(self.values_from_action(action))
         if not self.has_terminate:
             if action.terminate:

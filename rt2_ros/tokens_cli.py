@@ -2,13 +2,16 @@
 
 Why: when a robot does something odd, the first question is "what did those eight numbers
 mean under *this* config?". This CLI answers it with the exact tokenizer the policy node
-builds (same ``tokenizer.*`` keys, read straight from the node's params YAML), without ROS.
+builds (same ``tokenizer.*`` keys, read straight from the node's params YAML, which is checked
+exactly as ``rt2-bringup --check`` checks it), without a running ROS system.
 
     rt2-tokens decode --profile rt2 "1 128 91 241 5 101 127 217"
     rt2-tokens decode --profile openvla --ids 31872 31872 31872 31872 31872 31872 31744
     rt2-tokens encode --profile rt2 --translation 0.01 0 0 --rotation 0 0 0 --gripper 1 --terminate
     rt2-tokens decode --config config/rt2.yaml "Plan: pick the apple. Action: 0 128 ..."
 
+``encode`` refuses an action the tokens cannot express (e.g. 5 m with 0.02 m per unit) unless
+``--clip``, which encodes the nearest bins and says which values it clipped.
 Exit codes: 0 ok, 2 invalid answer / action / config (one line on stderr naming the reason).
 """
 
@@ -17,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import yaml
 
 from rt2_ros.actions import ArmAction
-from rt2_ros.params import ConfigError, flatten
+from rt2_ros.params import ConfigError
 from rt2_ros.token_profiles import PROFILES
 from rt2_ros.tokens import ActionTokenizer, TokenError, rotvec_to_rpy, rpy_to_rotvec
 
@@ -34,44 +35,24 @@ EXIT_BAD_INPUT = 2
 
 
 def load_tokenizer_config(path: str) -> dict[str, Any]:
-    """The flat ``tokenizer.*`` keys of a ROS params YAML (``<node>: ros__parameters: tokenizer: {...}``).
+    """The ``tokenizer.*`` parameters of ``rt2_policy`` in a ROS 2 params file, as the node would run with them.
 
-    A plain parameter tree (``tokenizer: {...}`` at the top) is accepted too. Raises ConfigError
-    when the file is unreadable, has no tokenizer section, or two nodes configure it differently.
+    The file is checked exactly as ``rt2-bringup --check`` checks it (every node it configures:
+    node names, types, ranges, unknown keys, cross-checks), so a file this accepts is one the nodes
+    start with. Raises ConfigError naming the file, node and key.
     """
+    from rt2_ros.nodes.bringup import ParamsFileError, check_params
+
     try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"--config: {path!r} must hold a mapping of parameters")
-    sections = {name: flat for name, flat in _parameter_sets(tree, "") if flat}
-    if not sections:
-        raise ConfigError(f"--config: {path!r} has no tokenizer.* parameters")
-    distinct = {json.dumps(v, sort_keys=True) for v in sections.values()}
-    if len(distinct) > 1:
-        raise ConfigError(f"--config: {path!r} configures the tokenizer differently in {sorted(sections)}; "
-                          "keep one tokenizer section")
-    return next(iter(sections.values()))
-
-
-def _parameter_sets(tree: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
-    """(node path, tokenizer keys) for every ``ros__parameters`` block, or for the file itself if none."""
-    found: list[tuple[str, dict[str, Any]]] = []
-    for key, value in tree.items():
-        if key == "ros__parameters" and isinstance(value, Mapping):
-            found.append((where or "/", _tokenizer_keys(value)))
-        elif isinstance(value, Mapping):
-            found.extend(_parameter_sets(value, f"{where}/{key}"))
-    if not found and not where:
-        found.append(("/", _tokenizer_keys(tree)))
-    return found
-
-
-def _tokenizer_keys(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten(params).items() if k.startswith("tokenizer.")}
+        checked = check_params([path])
+    except ParamsFileError as exc:
+        raise ConfigError(f"--config: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from None
+    if "rt2_policy" not in checked.nodes:
+        raise ConfigError(f"--config: {path} does not configure rt2_policy (the tokenizer is its "
+                          "tokenizer.* parameters: rt2_policy: ros__parameters: tokenizer: {...})")
+    return {k: v for k, v in checked.nodes["rt2_policy"].items() if k.startswith("tokenizer.")}
 
 
 def action_summary(tokenizer: ActionTokenizer, action: ArmAction, bins: np.ndarray, plan: str = "") -> dict[str, Any]:
@@ -115,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--gripper", type=float, required=True,
                      help="closedness 0 (open) .. 1 (closed); a change -1..1 with gripper_mode relative")
     enc.add_argument("--terminate", action="store_true", help="set the terminate token")
+    enc.add_argument("--clip", action="store_true",
+                     help="encode values beyond what the tokens express as the nearest bin (as RT-1 does) and say "
+                          "so on stderr; without it such an action is refused (exit 2)")
     enc.add_argument("--json", action="store_true", help="print bins, text and token ids as JSON")
     return parser
 
@@ -146,6 +130,13 @@ def _encode(args: argparse.Namespace, tok: ActionTokenizer) -> str:
         rotation = np.asarray(args.rotation if args.rotation is not None else [0.0, 0.0, 0.0])
     action = ArmAction(np.asarray(args.translation), rotation, args.gripper, terminate=args.terminate,
                        gripper_relative=tok.gripper_relative)
+    beyond = tok.out_of_range(action)
+    if beyond and not args.clip:
+        raise TokenError("out_of_range", f"the tokens cannot express {'; '.join(beyond)} (model units: "
+                         "translation / tokenizer.translation_scale_m, rotation / rotation_scale_rad, gripper "
+                         "by tokenizer.gripper_convention); --clip encodes the nearest bins")
+    if beyond:
+        print(f"{PROG}: clipped {'; '.join(beyond)} to the nearest bin (model units)", file=sys.stderr)
     bins = tok.encode(action)
     text = tok.format_text(bins)
     if not args.json:

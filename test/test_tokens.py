@@ -331,8 +331,8 @@ def test_scales_are_config() -> None:
 
 
 def test_per_dimension_ranges_are_config() -> None:
-    low = [0, -0.5, -1, -1, -1, -1, -1, 0]
-    high = [1, 0.5, 1, 1, 1, 1, 1, 1]
+    low = [0.0, -0.5, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0]  # floats: ROS 2 refuses integers for a double array
+    high = [1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     tok = ActionTokenizer.from_profile("rt2", low=low, high=high, gripper_convention="zero_open_one_closed",
                                        translation_scale_m=1.0)
     assert tok.decode([0, 255, 0, 0, 0, 0, 0, 255]).translation[0] == pytest.approx(0.5)
@@ -620,7 +620,8 @@ def test_text_regex_matches_exactly_the_bin_range(n_bins: int) -> None:
     ({"profle": "rt2"}, "tokenizer.profle"),
     ({"profile": "rt3"}, "tokenizer.profile"),
     ({"low": [0.0] * 3}, "tokenizer.low"),
-    ({"low": [0, 1, -1, -1, -1, -1, -1, -1]}, "tokenizer.low/high"),
+    ({"low": [0.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0]}, "tokenizer.low/high"),
+    ({"low": [0, 1, -1, -1, -1, -1, -1, -1]}, "tokenizer.low"),  # integers for a double array, as rclpy refuses
     ({"token_ids": list(range(10))}, "tokenizer.token_ids"),
     ({"token_ids": [5] * 256}, "tokenizer.token_ids"),
     ({"token_ids": list(range(40000, 40256))}, "tokenizer.token_ids"),
@@ -727,10 +728,12 @@ def test_cli_bad_input_exits_2(args: tuple[str, ...], reason: str) -> None:
 
 def test_cli_reads_ros_params_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "params.yaml"
-    cfg.write_text("policy_node:\n  ros__parameters:\n    backend:\n      type: embedded\n"
+    cfg.write_text("rt2_policy:\n  ros__parameters:\n    backend:\n      type: embedded\n"
                    "    tokenizer:\n      profile: rt1\n      translation_scale_m: 0.05\n"
-                   "safety_node:\n  ros__parameters:\n    safety.max_step_m: 0.01\n")
-    assert load_tokenizer_config(str(cfg)) == {"tokenizer.profile": "rt1", "tokenizer.translation_scale_m": 0.05}
+                   "rt2_safety:\n  ros__parameters:\n    safety.max_step_translation_m: 0.01\n")
+    cfg_values = load_tokenizer_config(str(cfg))  # as the node runs with them: unset keys at their defaults
+    assert cfg_values["tokenizer.profile"] == "rt1" and cfg_values["tokenizer.translation_scale_m"] == 0.05
+    assert cfg_values["tokenizer.n_bins"] == 256
     assert main(["decode", "--config", str(cfg), "0 255 127 127 127 127 127 0"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["profile"] == "rt1" and result["terminate"] is True  # rt1: class 0 = terminate
@@ -741,8 +744,14 @@ def test_cli_reads_ros_params_yaml(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 @pytest.mark.parametrize("content", [
-    "a:\n  ros__parameters:\n    tokenizer: {profile: rt1}\nb:\n  ros__parameters:\n    tokenizer: {profile: rt2}\n",
-    "a:\n  ros__parameters:\n    backend: {type: embedded}\n",
+    # The file is checked as rt2-bringup --check checks it: node names, types, unknown keys, every node.
+    "policy_node:\n  ros__parameters:\n    tokenizer: {profile: rt1}\n",  # not an rt2_ros node name
+    "rt2_policy:\n  ros__parameters:\n    tokenizer: {profile: rt1}\nrt2_safety:\n  ros__parameters:\n"
+    "    tokenizer: {profile: rt2}\n",  # rt2_safety has no tokenizer
+    "rt2_safety:\n  ros__parameters:\n    safety: {watchdog_timeout_s: 1.0}\n",  # no rt2_policy section
+    "rt2_policy:\n  ros__parameters:\n    tokenizer: {translation_scale_m: 1}\n",  # an integer for a double
+    "rt2_policy:\n  ros__parameters:\n    tokenizer: {profile: rt1}\nrt2_safety:\n  ros__parameters:\n"
+    "    safety: {watchdog_timeout_s: 2}\n",  # another node's error: the nodes would not start
     "- not a mapping\n",
     "key: [unclosed\n",
     "tokenizer:\n  profile: rt9\n",
@@ -753,6 +762,26 @@ def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["decode", "--config", str(cfg), "1 1 1 1 1 1 1 1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rt2-tokens: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "clipped"), [
+    (("--translation", "5", "0", "0", "--gripper", "1"), "dx 250 not in [-1, 1]"),  # 0.02 m per unit
+    (("--translation", "0", "0", "0", "--gripper", "2"), "gripper 3 not in [-1, 1]"),  # closedness 2
+    (("--translation", "0", "0", "0", "--rpy", "0", "0", "0.5", "--gripper", "0"), "dyaw 5 not in"),
+])
+def test_cli_encode_refuses_what_the_tokens_cannot_express(capsys: pytest.CaptureFixture[str], args, clipped) -> None:
+    # 5 m, a closedness of 2 or 0.5 rad of yaw used to encode silently to the same tokens as the range edge.
+    assert main(["encode", "--profile", "rt2", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("rt2-tokens: error: out_of_range:") and clipped in out.err
+    assert "--clip" in out.err
+    # --clip encodes the nearest bins, says which values it clipped, and exits 0.
+    assert main(["encode", "--profile", "rt2", "--clip", *args]) == 0
+    out = capsys.readouterr()
+    assert f"rt2-tokens: clipped {clipped}" in out.err
+    edge = main(["encode", "--profile", "rt2", "--translation", "0.02", "0", "0", "--gripper", "1"])
+    assert edge == 0  # exactly at the range edge is expressible, not clipped
+    assert "clipped" not in capsys.readouterr().err
 
 
 def test_cli_encode_plain_and_rpy(capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,13 +37,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pybullet as pb
 import pybullet_data
 import transforms3d.axangles as tax
 import transforms3d.quaternions as tq
 
 from rt2_ros.params import ParamSpec, resolve
 from rt2_ros.sim.camera import PinholeCamera, camera_param_specs
+
+
+def _import_pybullet_quietly():
+    """pybullet prints its build time to file descriptor 2 on import: noise in every tool's output
+    (``rt2-bringup --check``, ``python -m rt2_ros.params``) that imports the simulator's parameters."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        import pybullet
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return pybullet
+
+
+pb = _import_pybullet_quietly()
 
 
 class SimError(RuntimeError):
