@@ -55,6 +55,8 @@ class Observation:
     ee_position: np.ndarray | None = None
     ee_orientation: np.ndarray | None = None
     gripper: float | None = None  # measured closedness 0..1
+    # Optional arm joint positions (rad or m) in the order of the policy node's joints.arm_names.
+    joint_positions: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -3,6 +3,9 @@
 DESIGN.md: "latency is a safety property". This module owns every rule about time:
 
 * only the newest camera frame is sent, and only if it is fresh (``policy.max_frame_age_s``);
+* proprioception (end-effector pose, gripper, joint positions) carries its stamp and is sent only
+  while fresh (``policy.max_pose_age_s``, the node's ``joints.max_age_s``): an observation never
+  carries a stale state; a stale piece is left out (None) and counted (``state_stale_<piece>``);
 * every request carries a sequence id; a reply is matched to its request, and a reply that
   answers an abandoned (timed-out), older or previous-episode request is dropped and counted;
 * a reply whose observation is older than ``policy.max_reply_age_s`` when it arrives is dropped
@@ -52,6 +55,9 @@ POLICY_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("policy.chunk_blend_weight", "double", 0.5,
               "weighted_average: weight of the new chunk on overlapping steps", "", 0.0, 1.0),
     ParamSpec("policy.base_frame", "string", "panda_link0", "Frame id of published arm actions (robot base)"),
+    ParamSpec("policy.max_pose_age_s", "double", 0.5,
+              "An ee_pose older than this when a request goes out is not sent (the observation carries no pose)",
+              "s", 0.01, 10.0),
 )
 
 
@@ -66,6 +72,7 @@ class PolicyConfig:
     chunk_blend: str
     chunk_blend_weight: float
     base_frame: str
+    max_pose_age_s: float = 0.5
 
     @classmethod
     def from_params(cls, values: dict) -> PolicyConfig:
@@ -74,7 +81,8 @@ class PolicyConfig:
         p = resolve(POLICY_PARAMS, mine)
         return cls(p["backend.type"], p["backend.timeout_s"], p["policy.execute_rate_hz"],
                    p["policy.max_frame_age_s"], p["policy.max_reply_age_s"], p["policy.refill_threshold"],
-                   p["policy.chunk_blend"], p["policy.chunk_blend_weight"], p["policy.base_frame"])
+                   p["policy.chunk_blend"], p["policy.chunk_blend_weight"], p["policy.base_frame"],
+                   p["policy.max_pose_age_s"])
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,17 @@ class _Frame:
     age_at_receipt_s: float
 
 
+@dataclass(frozen=True)
+class _StatePiece:
+    value: object
+    stamp: float  # ROS time of the measurement, seconds
+    received_at: float  # monotonic
+    age_at_receipt_s: float
+
+    def age(self, now: float) -> float:
+        return self.age_at_receipt_s + (now - self.received_at)
+
+
 @dataclass
 class PolicyCore:
     """Sequencing, freshness, chunk queue. Not thread-safe: call from one thread (the node's)."""
@@ -122,6 +141,7 @@ class PolicyCore:
     tokenizer: ActionTokenizer
     backend_name: str = "backend"
     counters: Counter = field(default_factory=Counter)
+    joint_max_age_s: float = 0.5  # bound of gripper and joint positions (the node's joints.max_age_s)
 
     def __post_init__(self) -> None:
         self.instruction = ""
@@ -130,7 +150,7 @@ class PolicyCore:
         self._seq = 0
         self._frame: _Frame | None = None
         self._last_sent_frame_stamp: float | None = None
-        self._state: dict = {}
+        self._state: dict[str, _StatePiece] = {}
         self._in_flight: dict[int, Request] = {}
         self._queue: deque[ArmAction] = deque()
         self._step = 0
@@ -154,13 +174,36 @@ class PolicyCore:
         """Keep only the latest frame; ``age_s`` is its age (ROS now - header stamp) on arrival."""
         self._frame = _Frame(image, stamp, now, max(0.0, age_s))
 
-    def on_state(self, ee_position=None, ee_orientation=None, gripper: float | None = None) -> None:
+    def on_state(self, now: float, *, ee_position=None, ee_orientation=None, gripper: float | None = None,
+                 joint_positions=None, stamp: float = math.nan, age_s: float = 0.0) -> None:
+        """Store measured state taken at ROS time ``stamp``; ``age_s`` is its age (ROS now - stamp) on
+        arrival, ``now`` the monotonic clock. A pose needs both position and orientation (one message)."""
+        age = max(0.0, float(age_s))
+        if (ee_position is None) != (ee_orientation is None):
+            raise ValueError("on_state: ee_position and ee_orientation come together (one pose message)")
         if ee_position is not None:
-            self._state["ee_position"] = np.asarray(ee_position, dtype=np.float64)
-        if ee_orientation is not None:
-            self._state["ee_orientation"] = np.asarray(ee_orientation, dtype=np.float64)
+            pose = (np.asarray(ee_position, dtype=np.float64).reshape(3),
+                    np.asarray(ee_orientation, dtype=np.float64).reshape(4))
+            self._state["ee_pose"] = _StatePiece(pose, stamp, now, age)
         if gripper is not None:
-            self._state["gripper"] = float(gripper)
+            self._state["gripper"] = _StatePiece(float(gripper), stamp, now, age)
+        if joint_positions is not None:
+            self._state["joint_positions"] = _StatePiece(
+                np.asarray(joint_positions, dtype=np.float64).reshape(-1), stamp, now, age)
+
+    def state_max_age_s(self, piece: str) -> float:
+        return self.config.max_pose_age_s if piece == "ee_pose" else self.joint_max_age_s
+
+    def fresh_state(self, now: float) -> dict:
+        """The Observation state fields whose pieces are within their age bound at ``now`` (others None)."""
+        fresh: dict[str, object] = {}
+        for piece, entry in self._state.items():
+            if entry.age(now) <= self.state_max_age_s(piece):
+                fresh[piece] = entry.value
+        pose = fresh.get("ee_pose")
+        return {"ee_position": None if pose is None else pose[0],
+                "ee_orientation": None if pose is None else pose[1],
+                "gripper": fresh.get("gripper"), "joint_positions": fresh.get("joint_positions")}
 
     # -- requests -------------------------------------------------------------------------------
     @property
@@ -189,10 +232,11 @@ class PolicyCore:
             self.counters["frames_stale"] += 1
             return None
         self._seq += 1
-        obs = Observation(image=frame.image, instruction=self.instruction, seq=self._seq, stamp=frame.stamp,
-                          ee_position=self._state.get("ee_position"),
-                          ee_orientation=self._state.get("ee_orientation"),
-                          gripper=self._state.get("gripper"))
+        state = self.fresh_state(now)
+        for piece, entry in self._state.items():
+            if entry.age(now) > self.state_max_age_s(piece):
+                self.counters[f"state_stale_{piece}"] += 1  # left out of this observation
+        obs = Observation(image=frame.image, instruction=self.instruction, seq=self._seq, stamp=frame.stamp, **state)
         req = Request(obs, self.episode_id, now, age, self._step)
         self._in_flight[obs.seq] = req
         self._last_sent_frame_stamp = frame.stamp

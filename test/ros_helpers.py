@@ -46,13 +46,18 @@ def write_params(path: Path, policy: dict | None = None, safety: dict | None = N
 
 NO_EPISODE = bytes(16)
 # What each rt2-bringup role subscribes to among the probe's publishers (attribute names): the
-# safety node to ee_pose and arm_action, the policy node to ee_pose, the camera and instruction.
+# safety node to ee_pose and arm_action, the policy node to ee_pose, joint_states, the camera and
+# instruction (publishers the probe has not made are skipped).
 SUBSCRIBES = {
-    "both": {"pose_pub": 2, "image_pub": 1, "instruction": 1, "straggler": 1},
+    "both": {"pose_pub": 2, "image_pub": 1, "joint_pub": 1, "instruction": 1, "straggler": 1},
     "safety": {"pose_pub": 1, "straggler": 1},
-    "policy": {"pose_pub": 1, "image_pub": 1, "instruction": 1},
+    "policy": {"pose_pub": 1, "image_pub": 1, "joint_pub": 1, "instruction": 1},
 }
-PERIODIC = ("pose_pub", "image_pub")
+PERIODIC = ("pose_pub", "image_pub", "joint_pub")
+# A Panda at rest with its fingers half open (0.02 m each: gripper closedness 0.5).
+PANDA_JOINTS = {"panda_joint1": 0.0, "panda_joint2": -0.785, "panda_joint3": 0.0, "panda_joint4": -2.356,
+                "panda_joint5": 0.0, "panda_joint6": 1.571, "panda_joint7": 0.785,
+                "panda_finger_joint1": 0.02, "panda_finger_joint2": 0.02}
 
 
 def uid(msg_uuid) -> bytes:
@@ -126,20 +131,25 @@ class Probe:
         with self._cond:
             return [m for t, m in self.messages[key] if t >= t0]
 
-    def publish_fake_sensors(self, period_s: float = 0.05) -> Callable[[], None]:
+    def publish_fake_sensors(self, period_s: float = 0.05, joints: dict[str, float] | None = None
+                             ) -> Callable[[], None]:
         """Play camera and arm driver: a black 64x64 image on /camera/image and a fixed pose on
-        /ee_pose every ``period_s``; returns a function that stops publishing (the timer and both
+        /ee_pose every ``period_s`` (and with ``joints``, {name: position}, e.g. :data:`PANDA_JOINTS`,
+        a JointState on /joint_states); returns a function that stops publishing (the timer and the
         publishers are destroyed), for tests that hand these topics to another node afterwards.
-        ``self.pose_pub`` and ``self.image_pub`` (:class:`MatchedPublisher`) tell when a (re)started node
-        subscribed and got a sample."""
+        ``self.pose_pub``, ``self.image_pub`` (and ``self.joint_pub``) (:class:`MatchedPublisher`) tell
+        when a (re)started node subscribed and got a sample."""
         import numpy as np
         from geometry_msgs.msg import PoseStamped
-        from sensor_msgs.msg import Image
+        from sensor_msgs.msg import Image, JointState
 
         from rt2_ros.nodes.common import rgb_to_image_msg
 
         image_pub = self.image_pub = MatchedPublisher(self, Image, "/camera/image", 10)
         pose_pub = self.pose_pub = MatchedPublisher(self, PoseStamped, "/ee_pose", 10)
+        joint_pub = None
+        if joints is not None:
+            joint_pub = self.joint_pub = MatchedPublisher(self, JointState, "/joint_states", 10)
         frame = np.zeros((64, 64, 3), dtype=np.uint8)
 
         def publish() -> None:
@@ -150,6 +160,10 @@ class Probe:
             pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
             pose.pose.orientation.w = 1.0
             pose_pub.publish(pose)
+            if joint_pub is not None:
+                js = JointState(name=list(joints), position=[float(v) for v in joints.values()])
+                js.header.stamp = now
+                joint_pub.publish(js)
 
         timer = self.node.create_timer(period_s, publish)
 
@@ -157,6 +171,8 @@ class Probe:
             self.node.destroy_timer(timer)
             self.node.destroy_publisher(image_pub.pub)
             self.node.destroy_publisher(pose_pub.pub)
+            if joint_pub is not None:
+                self.node.destroy_publisher(joint_pub.pub)
 
         return stop_publishing
 

@@ -201,3 +201,89 @@ def test_executed_actions_always_answer_the_current_episode(events):
             action = core.pop_action()
             if action is not None:
                 assert episode_of_seq[action.observation_seq] == core.episode_id
+
+
+# -- proprioception age rule ------------------------------------------------------------------------
+POSE = dict(ee_position=(0.45, 0.0, 0.3), ee_orientation=(1.0, 0.0, 0.0, 0.0))
+
+
+def test_fresh_state_is_sent_with_the_frame():
+    core = make_core(**{"policy.max_pose_age_s": 0.5})
+    core.joint_max_age_s = 0.5
+    core.set_instruction("pick")
+    core.on_state(10.0, **POSE, stamp=100.0, age_s=0.05)
+    core.on_state(10.0, gripper=0.25, joint_positions=[0.1, 0.2], stamp=100.0, age_s=0.05)
+    obs = send(core, 10.2).observation
+    assert obs.ee_position.tolist() == [0.45, 0.0, 0.3] and obs.ee_orientation.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert obs.gripper == 0.25 and obs.joint_positions.tolist() == [0.1, 0.2]
+    assert not any(k.startswith("state_stale") for k in core.counters)
+
+
+@pytest.mark.parametrize(("piece", "fields"), [
+    ("ee_pose", ("ee_position", "ee_orientation")),
+    ("gripper", ("gripper",)),
+    ("joint_positions", ("joint_positions",)),
+])
+def test_stale_state_is_never_sent(piece, fields):
+    """Each piece has its own stamp: a stale one is left out (None) and counted, the others still go."""
+    core = make_core(**{"policy.max_pose_age_s": 0.3, "policy.max_frame_age_s": 5.0})
+    core.joint_max_age_s = 0.3
+    core.set_instruction("pick")
+    # Everything measured at t=0 (age 0.1 s on arrival) ...
+    core.on_state(0.0, **POSE, stamp=50.0, age_s=0.1)
+    core.on_state(0.0, gripper=1.0, joint_positions=[0.5], stamp=50.0, age_s=0.1)
+    # ... then every piece but ``piece`` refreshed at t=1.
+    if piece != "ee_pose":
+        core.on_state(1.0, **POSE, stamp=51.0, age_s=0.0)
+    if piece != "gripper":
+        core.on_state(1.0, gripper=1.0, stamp=51.0)
+    if piece != "joint_positions":
+        core.on_state(1.0, joint_positions=[0.5], stamp=51.0)
+    obs = send(core, 1.05).observation
+    all_fields = ("ee_position", "ee_orientation", "gripper", "joint_positions")
+    assert [f for f in all_fields if getattr(obs, f) is None] == list(fields)
+    assert core.counters[f"state_stale_{piece}"] == 1
+
+
+def test_age_on_arrival_counts_and_the_bound_is_inclusive():
+    core = make_core(**{"policy.max_pose_age_s": 0.3})
+    core.joint_max_age_s = 0.2
+    core.set_instruction("pick")
+    core.on_state(0.0, gripper=0.0, stamp=1.0, age_s=0.15)  # 0.15 s old on arrival
+    assert send(core, 0.05).observation.gripper == 0.0  # 0.2 s old: at the bound, still sent
+    core.on_reply(1, None, BackendTimeout("x"), 0.06)
+    assert send(core, 0.1).observation.gripper is None  # 0.25 s old: stale
+    core.on_reply(2, None, BackendTimeout("x"), 0.11)
+    core.on_state(0.2, gripper=0.5, stamp=1.2, age_s=-0.1)  # clock skew: a future stamp counts as age 0
+    assert send(core, 0.3).observation.gripper == 0.5
+
+
+def test_live_bound_changes_apply_to_stored_state():
+    core = make_core(**{"policy.max_pose_age_s": 0.1, "policy.max_frame_age_s": 5.0})
+    core.set_instruction("pick")
+    core.on_state(0.0, **POSE, stamp=1.0)
+    assert send(core, 0.5).observation.ee_position is None
+    core.on_reply(1, None, BackendTimeout("x"), 0.51)
+    core.config = PolicyConfig.from_params({"backend.type": "scripted", "policy.max_pose_age_s": 1.0})
+    assert send(core, 0.6).observation.ee_position is not None
+
+
+def test_pose_needs_position_and_orientation_together():
+    core = make_core()
+    with pytest.raises(ValueError, match="together"):
+        core.on_state(0.0, ee_position=(0.0, 0.0, 0.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ages=st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3), wait=st.floats(0.0, 2.0),
+       bound=st.floats(0.01, 2.0))
+def test_an_observation_never_carries_state_older_than_its_bound(ages, wait, bound):
+    core = make_core(**{"policy.max_pose_age_s": bound, "policy.max_frame_age_s": 10.0})
+    core.joint_max_age_s = bound
+    core.set_instruction("pick")
+    core.on_state(0.0, **POSE, age_s=ages[0])
+    core.on_state(0.0, gripper=0.5, age_s=ages[1])
+    core.on_state(0.0, joint_positions=[0.1], age_s=ages[2])
+    obs = send(core, wait).observation
+    for age, value in zip(ages, (obs.ee_position, obs.gripper, obs.joint_positions), strict=True):
+        assert (value is not None) == (age + wait <= bound)

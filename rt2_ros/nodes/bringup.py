@@ -148,7 +148,8 @@ def load_params_file(path: str | Path) -> dict:
 def _qos_topics(node: str, params: Mapping[str, Any]) -> list[tuple[str, str]]:
     if node == "rt2_policy":
         camera = "camera/image" if params["camera.transport"] == "raw" else "camera/image/compressed"
-        return [("arm_action", "publisher"), (camera, "subscription"), ("ee_pose", "subscription")]
+        return [("arm_action", "publisher"), (camera, "subscription"), ("ee_pose", "subscription"),
+                ("joint_states", "subscription")]
     if node == "rt2_safety":
         out = [("servo_node/delta_twist_cmds", "publisher")] if params["output.twist"] else []
         out += [("target_pose", "publisher")] if params["output.pose"] else []
@@ -293,10 +294,12 @@ def check_node_params(node: str, given: Mapping[str, Any], remaps: Sequence[str]
 
 
 def _check_policy(params: dict[str, Any], notes: list[str]) -> None:
+    from rt2_ros.joints import JointConfig
     from rt2_ros.policy import PolicyConfig
     from rt2_ros.tokens import ActionTokenizer
 
     PolicyConfig.from_params(params)
+    JointConfig.from_params(params)
     tokenizer = {k: v for k, v in params.items() if k.startswith("tokenizer.")}
     stats = tokenizer.get("tokenizer.dataset_statistics", "")
     if stats and tokenizer.get("tokenizer.profile") == "openvla" and not Path(stats).is_file():

@@ -10,9 +10,11 @@ the safety node reports terminate, e-stop, fault, reset or restart (rt2_ros.epis
 
 Subscribes ``camera/image`` (sensor_msgs/Image) or ``camera/image/compressed``
 (sensor_msgs/CompressedImage) with sensor-data QoS and optionally ``ee_pose``
-(geometry_msgs/PoseStamped). Publishes ``arm_action`` (rt2_ros_interfaces/ArmAction),
-``~/action_tokens`` (rt2_ros_interfaces/ActionTokens), ``~/plan`` (std_msgs/String) and
-``/diagnostics``. All timing rules live in :mod:`rt2_ros.policy`; backend calls (infer and
+(geometry_msgs/PoseStamped) and ``joint_states`` (sensor_msgs/JointState: the gripper's
+closedness and the positions of ``joints.arm_names``, rt2_ros.joints); proprioception older
+than its age bound is never sent to the backend (rt2_ros.policy). Publishes ``arm_action``
+(rt2_ros_interfaces/ArmAction), ``~/action_tokens`` (rt2_ros_interfaces/ActionTokens), ``~/plan``
+(std_msgs/String) and ``/diagnostics``. All timing rules live in :mod:`rt2_ros.policy`; backend calls (infer and
 reset) run on worker threads so the executor never blocks, and their exceptions become counted
 outcomes, never a dead node.
 """
@@ -32,13 +34,14 @@ from rclpy.action.server import ServerGoalHandle
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.task import Future as RclpyFuture
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from rt2_ros.actions import ArmAction
 from rt2_ros.backends import BACKENDS, BackendConfigError, backend_class, create_backend
 from rt2_ros.backends.base import Backend
 from rt2_ros.episode import Episode, EpisodeTracker, Outcome, short_id
+from rt2_ros.joints import JointConfig, JointStateError, map_joint_state
 from rt2_ros.nodes.common import (
     ACTION_QOS,
     AUTOSTART_PARAM,
@@ -80,13 +83,28 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
               "An episode the safety node has not taken (its status naming the episode) within this long ends "
               "with FAULT", "s", 0.1, 60.0),
     ParamSpec("policy.feedback_period_s", "double", 0.2, "Period of ExecuteInstruction feedback", "s", 0.02, 10.0),
+    ParamSpec("joints.arm_names", "string_array", [],
+              "Arm joints whose positions (from joint_states) go into observations, in the order the policy "
+              "expects; [] = send no joint positions"),
+    ParamSpec("joints.gripper_names", "string_array", ["panda_finger_joint1", "panda_finger_joint2"],
+              "Gripper joints in joint_states; the measured closedness sent to the backend is the mean over them "
+              "(unknown while joint_states carries none of them)"),
+    ParamSpec("joints.gripper_open_position", "double", 0.04,
+              "Position of each gripper joint when fully open (closedness 0); Panda finger: 0.04 m", "m or rad",
+              -10.0, 10.0),
+    ParamSpec("joints.gripper_closed_position", "double", 0.0,
+              "Position of each gripper joint when fully closed (closedness 1); Panda finger: 0.0 m", "m or rad",
+              -10.0, 10.0),
+    ParamSpec("joints.max_age_s", "double", 0.5,
+              "Gripper and joint positions older than this (joint_states header stamp) when a request goes out "
+              "are not sent", "s", 0.01, 10.0),
 )
 # Parameters that `ros2 param set` may change on a configured node; backend and model changes
 # go through cleanup + configure (a new backend is built there).
 LIVE_PARAMS = frozenset({
     "backend.timeout_s", "policy.execute_rate_hz", "policy.max_frame_age_s", "policy.max_reply_age_s",
     "policy.refill_threshold", "policy.chunk_blend", "policy.chunk_blend_weight", "policy.safety_ack_timeout_s",
-    "policy.feedback_period_s", "diagnostics_period_s"})
+    "policy.feedback_period_s", "diagnostics_period_s", "policy.max_pose_age_s", "joints.max_age_s"})
 _REANNOUNCE_PERIOD_S = 0.2
 _FRAME_STAMPS_KEPT = 64
 
@@ -167,7 +185,9 @@ class PolicyNode(LifecycleNode):
             self.backend = create_backend(backend_type, options, self.tokenizer)
         except BackendConfigError as exc:
             raise ConfigError(str(exc)) from exc
-        self.core = PolicyCore(self.config, self.tokenizer, backend_name=backend_type)
+        self.joints = JointConfig.from_params(params)
+        self.core = PolicyCore(self.config, self.tokenizer, backend_name=backend_type,
+                               joint_max_age_s=params["joints.max_age_s"])
         self.tracker = EpisodeTracker(params["policy.safety_ack_timeout_s"])
         self._params = params
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rt2_backend")
@@ -196,6 +216,8 @@ class PolicyNode(LifecycleNode):
                 qos_overriding_options=QOS_OVERRIDES)
         sub(String, "instruction", on_error(self._on_instruction), EVENT_QOS)
         sub(PoseStamped, "ee_pose", on_error(self._on_pose), qos_profile_sensor_data,
+            qos_overriding_options=QOS_OVERRIDES)
+        sub(JointState, "joint_states", on_error(self._on_joint_state), qos_profile_sensor_data,
             qos_overriding_options=QOS_OVERRIDES)
         sub(SafetyStatus, "rt2_safety/status", on_error(self._on_safety_status), LATCHED_QOS)
         reject_unknown_overrides(self, allow_prefixes=other_backends)  # now qos_overrides.* are declared too
@@ -233,6 +255,7 @@ class PolicyNode(LifecycleNode):
         self.config = PolicyConfig.from_params(self._params)
         if self.core is not None:
             self.core.config = self.config
+            self.core.joint_max_age_s = self._params["joints.max_age_s"]
         self.tracker.ack_timeout_s = self._params["policy.safety_ack_timeout_s"]
         on_error = guarded(self, "policy callback", self._stop_on_error, self.errors)
         for key, timer, period, fn in (
@@ -445,11 +468,38 @@ class PolicyNode(LifecycleNode):
     def _on_compressed(self, msg: CompressedImage) -> None:
         self._frame(msg, compressed_msg_to_rgb)
 
+    def _state_stamp(self, header, topic: str) -> tuple[float, float]:
+        """(stamp, age on arrival) of a state message; an unstamped one counts as measured on arrival."""
+        now = self._now()
+        stamp = stamp_to_sec(header.stamp)
+        if stamp == 0.0:
+            self.get_logger().warning(f"{topic} messages have no header stamp; using arrival time",
+                                      throttle_duration_sec=10.0)
+            return now, 0.0
+        return stamp, now - stamp
+
     def _on_pose(self, msg: PoseStamped) -> None:
         if self.core is None:
             return
+        stamp, age = self._state_stamp(msg.header, "ee_pose")
         p, q = msg.pose.position, msg.pose.orientation
-        self.core.on_state(ee_position=(p.x, p.y, p.z), ee_orientation=(q.w, q.x, q.y, q.z))
+        self.core.on_state(time.monotonic(), ee_position=(p.x, p.y, p.z), ee_orientation=(q.w, q.x, q.y, q.z),
+                           stamp=stamp, age_s=age)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        if self.core is None:
+            return
+        try:
+            reading = map_joint_state(msg.name, msg.position, self.joints)
+        except JointStateError as exc:
+            self.core.counters["joint_states_invalid"] += 1
+            self.get_logger().warning(f"ignoring joint_states: {exc}", throttle_duration_sec=5.0)
+            return
+        if reading.gripper is None and reading.joint_positions is None:
+            return  # a message about other joints (drivers may publish one per controller)
+        stamp, age = self._state_stamp(msg.header, "joint_states")
+        self.core.on_state(time.monotonic(), gripper=reading.gripper, joint_positions=reading.joint_positions,
+                           stamp=stamp, age_s=age)
 
     def _on_instruction(self, msg: String) -> None:
         if not self._active:
