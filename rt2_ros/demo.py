@@ -203,8 +203,8 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
     from sensor_msgs.msg import Image
     from visualization_msgs.msg import MarkerArray
 
-    from rt2_ros.episode import NO_EPISODE, short_id
-    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, uuid_bytes
+    from rt2_ros.episode import NO_EPISODE, short_id, uuid_bytes
+    from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS
     from rt2_ros_interfaces.action import ExecuteInstruction
     from rt2_ros_interfaces.msg import ActionTokens, ArmAction, SafetyStatus
 

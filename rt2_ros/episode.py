@@ -50,6 +50,11 @@ def new_episode_id() -> bytes:
     return uuid.uuid4().bytes
 
 
+def uuid_bytes(msg: Any) -> bytes:
+    """An episode id as 16 bytes from its unique_identifier_msgs/UUID message (anything with ``.uuid``)."""
+    return bytes(bytearray(msg.uuid))
+
+
 def short_id(episode_id: bytes) -> str:
     """The first 8 hex digits: enough to tell episodes apart in a log line."""
     return "none" if episode_id == NO_EPISODE else episode_id.hex()[:8]

@@ -61,8 +61,10 @@ PANDA_JOINTS = {"panda_joint1": 0.0, "panda_joint2": -0.785, "panda_joint3": 0.0
 
 
 def uid(msg_uuid) -> bytes:
-    """An episode id (unique_identifier_msgs/UUID) as 16 bytes."""
-    return bytes(bytearray(msg_uuid.uuid))
+    """An episode id (unique_identifier_msgs/UUID) as 16 bytes, as the nodes read it."""
+    from rt2_ros.episode import uuid_bytes
+
+    return uuid_bytes(msg_uuid)
 
 
 def start_bringup(params: Path, *extra: str, log: Path) -> subprocess.Popen:

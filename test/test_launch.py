@@ -87,7 +87,14 @@ from std_msgs.msg import String  # noqa: E402
 
 from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ActionTokens, ArmAction, Episode, SafetyStatus  # noqa: E402
-from test.ros_helpers import GoalClient, MatchedPublisher, Probe, isolate_ros_domain, write_params  # noqa: E402
+from test.ros_helpers import (  # noqa: E402
+    GoalClient,
+    MatchedPublisher,
+    Probe,
+    isolate_ros_domain,
+    uid,
+    write_params,
+)
 
 MOVE_X = "0 160 128 128 128 128 128 0"  # +x, gripper open (rt2 profile)
 TERMINATE = "1 128 128 128 128 128 128 0"
@@ -205,10 +212,6 @@ def scripted_params(tmp_path: Path, answers: list[str], repeat: bool = False, po
             "backend.scripted.delays_s": [0.0], "backend.scripted.repeat": repeat, "policy.execute_rate_hz": 10.0}
     return write_params(tmp_path / "params.yaml", policy={**base, **(policy or {})},
                         safety={**SAFETY, **(safety or {})})
-
-
-def uid(msg_uuid) -> bytes:
-    return bytes(bytearray(msg_uuid.uuid))
 
 
 def latest_status(probe: Probe) -> SafetyStatus | None:

@@ -71,7 +71,7 @@ def test_custom_message_round_trip_over_dds(received, topic):
 
 
 def test_episode_ids_arrive_as_the_same_16_bytes(received):
-    from rt2_ros.nodes.common import uuid_bytes
+    from rt2_ros.episode import uuid_bytes
     from test.msg_echo_publisher import EPISODE
 
     got, _ = received

@@ -22,7 +22,6 @@ import functools
 import signal
 import sys
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -82,14 +81,6 @@ LIFECYCLE_PARAMS = (AUTOSTART_PARAM,)
 
 def uuid_msg(episode_id: bytes) -> UUID:
     return UUID(uuid=list(episode_id))
-
-
-def uuid_bytes(msg: UUID) -> bytes:
-    return bytes(bytearray(msg.uuid))
-
-
-def new_uuid_bytes() -> bytes:
-    return uuid.uuid4().bytes
 
 
 def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
@@ -163,10 +154,6 @@ class LiveParameters:
         self._check, self._apply = check, apply
         self.configured = False
         node.add_on_set_parameters_callback(self._on_set)
-
-    @property
-    def live(self) -> frozenset[str]:
-        return self._live
 
     def _on_set(self, params: list[Parameter]) -> SetParametersResult:
         if not self.configured:

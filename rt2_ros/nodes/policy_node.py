@@ -40,7 +40,7 @@ from std_msgs.msg import String
 from rt2_ros.actions import ArmAction
 from rt2_ros.backends import BACKENDS, BackendConfigError, backend_class, create_backend
 from rt2_ros.backends.base import Backend
-from rt2_ros.episode import Episode, EpisodeTracker, Outcome, short_id
+from rt2_ros.episode import Episode, EpisodeTracker, Outcome, short_id, uuid_bytes
 from rt2_ros.joints import JointConfig, JointStateError, map_joint_state
 from rt2_ros.nodes.common import (
     ACTION_QOS,
@@ -60,7 +60,6 @@ from rt2_ros.nodes.common import (
     reject_unknown_overrides,
     run_node,
     stamp_to_sec,
-    uuid_bytes,
     uuid_msg,
 )
 from rt2_ros.params import ConfigError, ParamSpec
@@ -114,7 +113,6 @@ class PolicyNode(LifecycleNode):
         super().__init__("rt2_policy", **kwargs)
         self._base_specs = POLICY_PARAMS + TOKENIZER_PARAMS + NODE_PARAMS
         declare(self, (*self._base_specs, AUTOSTART_PARAM))
-        self._specs = list(self._base_specs)
         self.live_params = LiveParameters(self, self._base_specs, LIVE_PARAMS, self._check_live, self._apply_live)
         self.backend: Backend | None = None
         self.core: PolicyCore | None = None
@@ -173,7 +171,6 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(str(exc)) from exc
         declare(self, options_specs)  # backend.type decides which backend's options exist
         params.update(read(self, options_specs))
-        self._specs = list(self._base_specs) + list(options_specs)
         other_backends = tuple(f"backend.{t}." for t in BACKENDS if t != backend_type)
         reject_unknown_overrides(self, allow_prefixes=(*other_backends, "qos_overrides."))
 
@@ -196,7 +193,7 @@ class PolicyNode(LifecycleNode):
         self._reset_started = 0.0
         self._last_outcome: ReplyOutcome | None = None
         self._frame_stamps: dict[int, float] = {}  # observation seq -> camera stamp (feedback: action age)
-        self._stamp_warned = False
+        self._unstamped_warned: set[str] = set()
 
         on_error = guarded(self, "policy callback", self._stop_on_error, self.errors)
         pub = self._owned.publisher
@@ -453,14 +450,8 @@ class PolicyNode(LifecycleNode):
             self.core.counters["frames_invalid"] += 1
             self.get_logger().warning(f"dropping camera frame: {exc}", throttle_duration_sec=5.0)
             return
-        stamp = stamp_to_sec(msg.header.stamp)
-        now = self._now()
-        if stamp == 0.0:
-            if not self._stamp_warned:
-                self.get_logger().warning("camera frames have no header stamp; using arrival time (latency unknown)")
-                self._stamp_warned = True
-            stamp = now
-        self.core.on_frame(image, stamp, time.monotonic(), age_s=now - stamp)
+        stamp, age = self._stamp(msg.header, "camera")
+        self.core.on_frame(image, stamp, time.monotonic(), age_s=age)
 
     def _on_image(self, msg: Image) -> None:
         self._frame(msg, image_msg_to_rgb)
@@ -468,20 +459,22 @@ class PolicyNode(LifecycleNode):
     def _on_compressed(self, msg: CompressedImage) -> None:
         self._frame(msg, compressed_msg_to_rgb)
 
-    def _state_stamp(self, header, topic: str) -> tuple[float, float]:
-        """(stamp, age on arrival) of a state message; an unstamped one counts as measured on arrival."""
+    def _stamp(self, header, topic: str) -> tuple[float, float]:
+        """(stamp, age on arrival) of a sensor message; an unstamped one counts as taken on arrival."""
         now = self._now()
         stamp = stamp_to_sec(header.stamp)
         if stamp == 0.0:
-            self.get_logger().warning(f"{topic} messages have no header stamp; using arrival time",
-                                      throttle_duration_sec=10.0)
+            if topic not in self._unstamped_warned:
+                self._unstamped_warned.add(topic)
+                self.get_logger().warning(f"{topic} messages have no header stamp; using arrival time "
+                                          "(latency unknown)")
             return now, 0.0
         return stamp, now - stamp
 
     def _on_pose(self, msg: PoseStamped) -> None:
         if self.core is None:
             return
-        stamp, age = self._state_stamp(msg.header, "ee_pose")
+        stamp, age = self._stamp(msg.header, "ee_pose")
         p, q = msg.pose.position, msg.pose.orientation
         self.core.on_state(time.monotonic(), ee_position=(p.x, p.y, p.z), ee_orientation=(q.w, q.x, q.y, q.z),
                            stamp=stamp, age_s=age)
@@ -497,7 +490,7 @@ class PolicyNode(LifecycleNode):
             return
         if reading.gripper is None and reading.joint_positions is None:
             return  # a message about other joints (drivers may publish one per controller)
-        stamp, age = self._state_stamp(msg.header, "joint_states")
+        stamp, age = self._stamp(msg.header, "joint_states")
         self.core.on_state(time.monotonic(), gripper=reading.gripper, joint_positions=reading.joint_positions,
                            stamp=stamp, age_s=age)
 

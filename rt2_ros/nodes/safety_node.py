@@ -20,7 +20,6 @@ logged once, and the command stream goes on.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter, deque
 
@@ -33,7 +32,7 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from rt2_ros.actions import ArmAction
-from rt2_ros.episode import NO_EPISODE, short_id
+from rt2_ros.episode import NO_EPISODE, short_id, uuid_bytes
 from rt2_ros.nodes.common import (
     ACTION_QOS,
     AUTOSTART_PARAM,
@@ -50,7 +49,6 @@ from rt2_ros.nodes.common import (
     reject_unknown_overrides,
     run_node,
     stamp_to_sec,
-    uuid_bytes,
     uuid_msg,
 )
 from rt2_ros.params import ParamSpec
@@ -130,19 +128,19 @@ class SafetyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        """Back to unconfigured: a last zero twist (when configured), then no topics, timers or filter."""
         self._publish_hold()
         self._destroy_entities()
         self.filter = None
         self.live_params.configured = False
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self.filter is not None:
-            self._publish_hold()
-        self._destroy_entities()
-        self.filter = None
-        self.live_params.configured = False
-        return TransitionCallbackReturn.SUCCESS
 
     def _create_entities(self, params: dict) -> None:
         self.frame_id = params["output.frame_id"]
@@ -182,7 +180,8 @@ class SafetyNode(LifecycleNode):
         srv(Trigger, "~/estop", guarded(self, "estop service", self._estop_on_error, self.errors)(self._on_estop_srv))
         srv(Trigger, "~/reset", hold_on_error(self._on_reset_srv))
 
-        self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._tick)
+        self._guarded_tick = guarded(self, "tick", self._hold_on_error, self.errors)(self._tick)
+        self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._guarded_tick)
         self._owned.timer("status", 1.0 / params["output.status_rate_hz"], hold_on_error(self._publish_status))
         self._owned.timer("markers", 1.0, guarded(self, "markers", None, self.errors)(self._publish_markers))
         self._publish_status()
@@ -209,7 +208,7 @@ class SafetyNode(LifecycleNode):
             old_rate = self.filter.config.command_rate_hz
             self.filter.update_config(self._changed_config(changes))
             if self.filter.config.command_rate_hz != old_rate:
-                self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._tick)
+                self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._guarded_tick)
         if "ee_pose_timeout_s" in changes:
             self.pose_timeout = changes["ee_pose_timeout_s"]
         if "output.frame_aliases" in changes:
@@ -217,9 +216,9 @@ class SafetyNode(LifecycleNode):
 
     # -- errors -----------------------------------------------------------------------------------
     def _hold_on_error(self, exc: BaseException) -> None:
+        self._publish_hold()  # first: the zero twist goes out even if latching the fault fails too
         if self.filter is not None:
             self.filter.fault(f"internal error: {type(exc).__name__}", latch=True)
-        self._publish_hold()
 
     def _estop_on_error(self, exc: BaseException) -> None:
         # An e-stop request that failed half-way still latches the e-stop.
@@ -381,26 +380,17 @@ class SafetyNode(LifecycleNode):
 
     # -- outputs --------------------------------------------------------------------------------
     def _tick(self) -> None:
-        """The command stream: one freshly stamped command per period, whatever else fails."""
-        try:
-            assert self.filter is not None
-            pose = self._fresh_pose()
-            cmd = self.filter.tick(time.monotonic(), *(pose[:2] if pose else (None, None)))
-            self._last_tick_reasons = cmd.reasons
-            if not self._active and cmd.state == SafetyState.RUNNING:  # cannot happen; never move inactive
-                self._publish_hold()
-            else:
-                self._publish_command(cmd)
-            if self._status_changed():
-                self._publish_status()
-        except Exception as exc:  # the zero twist below must go out regardless
-            self.errors["callback_errors:tick"] += 1
-            self.get_logger().error(f"command tick failed ({type(exc).__name__}: {exc!s:.200}); holding",
-                                    throttle_duration_sec=5.0)
-            if self.filter is not None:
-                with contextlib.suppress(Exception):
-                    self.filter.fault(f"internal error: {type(exc).__name__}", latch=True)
+        """The command stream: one freshly stamped command per period (guarded: a failure sends a hold)."""
+        assert self.filter is not None
+        pose = self._fresh_pose()
+        cmd = self.filter.tick(time.monotonic(), *(pose[:2] if pose else (None, None)))
+        self._last_tick_reasons = cmd.reasons
+        if not self._active and cmd.state == SafetyState.RUNNING:  # cannot happen; never move inactive
             self._publish_hold()
+        else:
+            self._publish_command(cmd)
+        if self._status_changed():
+            self._publish_status()
 
     def _publish_command(self, cmd: SafeCommand) -> None:
         stamp = self.get_clock().now().to_msg()

@@ -98,7 +98,7 @@ def _send_goal(node: Any, args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.action import ActionClient
 
-    from rt2_ros.episode import short_id
+    from rt2_ros.episode import short_id, uuid_bytes
     from rt2_ros_interfaces.action import ExecuteInstruction
 
     client = ActionClient(node, ExecuteInstruction, args.action)
@@ -119,7 +119,7 @@ def _send_goal(node: Any, args: argparse.Namespace) -> int:
         if fb.phase != last["phase"] or now - last["printed"] >= 2.0:
             latency = "" if math.isnan(fb.backend_latency_s) else f", backend {fb.backend_latency_s * 1e3:.0f} ms"
             plan = f", plan: {fb.plan}" if fb.plan else ""
-            print(f"rt2-say: [{short_id(bytes(bytearray(fb.episode_id.uuid)))}] {fb.phase}: step {fb.step}, "
+            print(f"rt2-say: [{short_id(uuid_bytes(fb.episode_id))}] {fb.phase}: step {fb.step}, "
                   f"safety {fb.safety_state or '?'}{latency}{plan}", flush=True)
             last["phase"], last["printed"] = fb.phase, now
 
@@ -145,7 +145,7 @@ def _send_goal(node: Any, args: argparse.Namespace) -> int:
         print(f"rt2-say: no result within {args.timeout + 10.0:.0f} s; cancelled the goal", file=sys.stderr)
         return 1
     r = result_future.result().result
-    print(f"rt2-say: episode {short_id(bytes(bytearray(r.episode_id.uuid)))} {r.outcome_name}"
+    print(f"rt2-say: episode {short_id(uuid_bytes(r.episode_id))} {r.outcome_name}"
           f"{': ' + r.message if r.message else ''}; {r.steps} steps in {r.duration_s:.1f} s, "
           f"{r.replies_accepted} replies accepted, {r.replies_dropped} dropped", flush=True)
     return 0 if r.outcome == ExecuteInstruction.Result.TERMINATED else 1

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import Any
 
-from rt2_ros.episode import short_id
+from rt2_ros.episode import short_id, uuid_bytes
 
 
 def format_line(status, tokens, action, rate_hz: float) -> str:
@@ -23,7 +23,7 @@ def format_line(status, tokens, action, rate_hz: float) -> str:
     parts = []
     if status is not None:
         parts.append(f"safety={status.state_name}")
-        parts.append(f"ep={short_id(bytes(bytearray(status.episode_id.uuid)))}")
+        parts.append(f"ep={short_id(uuid_bytes(status.episode_id))}")
         if status.instruction:
             parts.append(f"{status.instruction!r}")
         parts.append(f"ok={status.actions_accepted} clip={status.actions_clipped} rej={status.actions_rejected} "
