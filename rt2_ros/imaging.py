@@ -1,15 +1,20 @@
 """Image helpers shared by the backend clients: resize and encode an RGB frame for the wire.
 
 Pure functions on ``uint8`` HxWx3 RGB numpy arrays, built on ``opencv-python-headless``
-(already a dependency for JPEG/PNG and fast resizing). PIL was rejected to keep one image
-library; hand-written encoders were rejected outright. OpenCV works in BGR, so the channel
-swap lives here once instead of in every backend.
+(already a dependency for JPEG/PNG and fast resizing). OpenCV works in BGR, so the channel
+swap lives here once instead of in every backend. One exception: the aspect-keeping resize
+with black bars (``pad=True``, what openpi policies get) is ``openpi_client.image_tools.
+resize_with_pad`` itself (PIL bilinear, ``tf.image.resize_with_pad`` geometry), because an
+openpi checkpoint was trained and evaluated on exactly those pixels (its LIBERO and DROID
+clients call it) and an OpenCV look-alike differs in interpolation and rounding. Rejected:
+PIL for everything (two image libraries where one does); hand-written encoders.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+from openpi_client import image_tools
 
 
 class ImageEncodeError(ValueError):
@@ -27,9 +32,10 @@ def _check_rgb(image: np.ndarray) -> None:
 def resize(image: np.ndarray, height: int, width: int, *, pad: bool = False) -> np.ndarray:
     """``image`` resized to ``height`` x ``width`` (uint8 RGB).
 
-    ``pad=False`` squashes to the target size (what OpenVLA's processor does); ``pad=True``
-    keeps the aspect ratio and pads with black (what openpi's ``resize_with_pad`` does).
-    Area interpolation when shrinking (no aliasing), linear when enlarging.
+    ``pad=False`` squashes to the target size (what OpenVLA's processor does; OpenCV, area
+    interpolation when shrinking, linear when enlarging). ``pad=True`` keeps the aspect ratio and
+    pads with black, pixel for pixel as openpi's ``image_tools.resize_with_pad`` (see the module
+    docstring); an image so elongated that a side would shrink to 0 px is refused.
     """
     _check_rgb(image)
     if height <= 0 or width <= 0:
@@ -40,14 +46,10 @@ def resize(image: np.ndarray, height: int, width: int, *, pad: bool = False) -> 
     if not pad:
         interp = cv2.INTER_AREA if height * width < h * w else cv2.INTER_LINEAR
         return cv2.resize(image, (width, height), interpolation=interp)
-    scale = min(height / h, width / w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    scaled = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    out = np.zeros((height, width, 3), dtype=np.uint8)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = scaled
-    return out
+    ratio = max(w / width, h / height)  # resize_with_pad's own geometry, checked before PIL fails on it
+    if int(h / ratio) < 1 or int(w / ratio) < 1:
+        raise ImageEncodeError(f"a {h}x{w} image is too elongated to pad into {height}x{width}")
+    return np.ascontiguousarray(image_tools.resize_with_pad(image, height, width), dtype=np.uint8)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:

@@ -11,7 +11,9 @@ message into
   or None when no arm joints are configured or the message carries none of them;
 * ``gripper``: closedness 0..1 (0 = open, 1 = closed; see rt2_ros.actions), the mean over the
   gripper joints of ``(position - open) / (closed - open)`` clipped to [0, 1], or None when the
-  message carries none of the gripper joints.
+  message carries none of the gripper joints;
+* ``gripper_positions``: the gripper joints' raw positions in the configured order (what
+  LIBERO-style states carry: the two finger positions), None with ``gripper``.
 
 Drivers may publish partial messages (one per controller: arm and gripper apart), so a message
 without any joint of a group leaves that group unknown (None); a message carrying only some of a
@@ -73,6 +75,7 @@ class JointConfig:
 class JointReading:
     joint_positions: np.ndarray | None  # (len(arm_names),) float64, configured order
     gripper: float | None  # closedness 0..1
+    gripper_positions: np.ndarray | None = None  # (len(gripper_names),) float64, configured order
 
 
 def closedness(positions: Sequence[float], open_position: float, closed_position: float) -> float:
@@ -109,4 +112,4 @@ def map_joint_state(names: Sequence[str], positions: Sequence[float], config: Jo
     arm = _group(index, positions, config.arm_names, "arm") if config.arm_names else None
     grip = _group(index, positions, config.gripper_names, "gripper") if config.gripper_names else None
     gripper = None if grip is None else closedness(grip, config.gripper_open_position, config.gripper_closed_position)
-    return JointReading(arm, gripper)
+    return JointReading(arm, gripper, grip)

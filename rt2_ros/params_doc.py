@@ -15,6 +15,8 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("rt2_policy", "Backend selection and request timing", "rt2_ros.policy:POLICY_PARAMS"),
     ("rt2_policy", "Action tokenizer", "rt2_ros.tokens:TOKENIZER_PARAMS"),
     ("rt2_policy", "Policy node", "rt2_ros.nodes.policy_node:NODE_PARAMS"),
+    ("rt2_policy", "Cameras (each camera `<name>` of `cameras.names` has the `cameras.<name>.*` keys)",
+     "rt2_ros.cameras:DOC_SPECS"),
     ("rt2_policy", "Backend `embedded`", "rt2_ros.backends.embedded:EmbeddedBackend.OPTIONS"),
     ("rt2_policy", "Backend `local`", "rt2_ros.backends.local_hf:LocalHFBackend.OPTIONS"),
     ("rt2_policy", "Backend `grpc`", "rt2_ros.backends.grpc_client:GrpcBackend.OPTIONS"),

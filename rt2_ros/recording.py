@@ -57,6 +57,7 @@ from rt2_ros.episode import NO_EPISODE, short_id
 #: what ``rt2-record`` records by default: topic -> ROS 2 type ("pkg/msg/Type")
 DEFAULT_TOPICS: dict[str, str] = {
     "/camera/image": "sensor_msgs/msg/Image",
+    "/wrist_camera/image": "sensor_msgs/msg/Image",  # rt2_sim publishes it (sim_node.wrist_camera)
     "/instruction": "std_msgs/msg/String",
     "/episode": "rt2_ros_interfaces/msg/Episode",
     "/rt2_policy/action_tokens": "rt2_ros_interfaces/msg/ActionTokens",
@@ -94,6 +95,8 @@ QOS_KINDS: dict[str, QosSpec] = {
 DEFAULT_QOS: dict[str, str] = {
     "/camera/image": "sensor_data",
     "/camera/image/compressed": "sensor_data",
+    "/wrist_camera/image": "sensor_data",
+    "/wrist_camera/image/compressed": "sensor_data",
     "/instruction": "event",
     "/episode": "event",
     "/rt2_policy/action_tokens": "default",
@@ -650,9 +653,6 @@ def read_topics(path: str | Path) -> dict[str, str]:
 
 
 # -- replay ------------------------------------------------------------------------------------------------
-#: default of the safety node's ``ee_pose_timeout_s`` (rt2_ros.nodes.safety_node; a test checks they agree)
-EE_POSE_TIMEOUT_DEFAULT_S = 0.5
-
 # Re-decoding the same bins is deterministic; the tolerance only absorbs the float32 gripper
 # field of ArmAction messages. 1e-7 m / rad is far below anything an arm can execute.
 _MATCH_ATOL = 1e-7
@@ -661,7 +661,9 @@ _GRIPPER_ATOL = 1e-6
 
 #: the nodes whose parameters a replay uses, and which of their keys
 REPLAY_NODES = ("rt2_policy", "rt2_safety")
-REPLAY_KEYS = {"rt2_policy": "tokenizer.*", "rt2_safety": "safety.*, ee_pose_timeout_s"}
+REPLAY_KEYS = {"rt2_policy": "tokenizer.*", "rt2_safety": "safety.*"}
+# rt2_safety parameters of earlier versions that a recording's metadata may still hold -> what replaced them
+_RETIRED_KEYS = {"ee_pose_timeout_s": "safety.max_pose_age_s (judged by the ee_pose header stamp)"}
 
 
 @dataclass(frozen=True)
@@ -728,7 +730,7 @@ class ReplayConfigError(ValueError):
 def _replay_node(key: str) -> str | None:
     if key.startswith("tokenizer."):
         return "rt2_policy"
-    if key.startswith("safety.") or key == "ee_pose_timeout_s":
+    if key.startswith("safety."):
         return "rt2_safety"
     return None
 
@@ -747,23 +749,33 @@ def recorded_param_nodes(path: str | Path, params: Mapping[str, Any] | None = No
     return tuple(n for n in REPLAY_NODES if any(_replay_node(k) == n for k in params))
 
 
-def _split_params(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], float]:
+def _split_params(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tokenizer.*, safety.*) of a flat parameter dict; other keys (e.g. a retired
+    ``ee_pose_timeout_s`` in an old recording's metadata) are not used."""
     tok = {k: v for k, v in flat.items() if k.startswith("tokenizer.") and v is not None}
     saf = {k: v for k, v in flat.items() if k.startswith("safety.") and v is not None}
-    timeout = flat.get("ee_pose_timeout_s")
-    return tok, saf, float(timeout) if isinstance(timeout, (int, float)) else EE_POSE_TIMEOUT_DEFAULT_S
+    return tok, saf
 
 
-def _build_filters(flat: Mapping[str, Any]) -> tuple[Any, Any, float]:
+def _build_filters(flat: Mapping[str, Any]) -> tuple[Any, Any]:
     from rt2_ros.params import ConfigError
     from rt2_ros.safety import SafetyConfig
     from rt2_ros.tokens import ActionTokenizer
 
-    tok, saf, timeout = _split_params(flat)
+    tok, saf = _split_params(flat)
     try:
-        return ActionTokenizer.from_config(tok), SafetyConfig.from_params(saf), timeout
+        return ActionTokenizer.from_config(tok), SafetyConfig.from_params(saf)
     except ConfigError as exc:
         raise ReplayConfigError(str(exc)) from exc
+
+
+def _stamp_ns(stamp: Any) -> int | None:
+    """A recorded ``builtin_interfaces/Time`` in ns; None when absent (a message recorded before the
+    field existed) or zero (unset: unknown age), as the safety node takes it."""
+    if stamp is None:
+        return None
+    ns = int(getattr(stamp, "sec", 0)) * 10**9 + int(getattr(stamp, "nanosec", 0))
+    return ns if ns > 0 else None
 
 
 def _arm_action_from_msg(msg: Any) -> ArmAction:
@@ -808,42 +820,62 @@ class _SafetyReplay:
     """The safety node's event handling around a SafetyFilter, driven by recorded log times.
 
     As rt2_ros.nodes.safety_node: an active ``/episode`` starts the filter episode from the
-    measured pose (none fresh: a latched fault) and holds until the first action; an inactive
-    one for the current episode stops it; an arm action of any other episode is dropped
-    (``dropped:stale_episode`` for an episode that ended, else ``dropped:unknown_episode``).
-    ``implicit_episodes`` (recordings without ``/episode`` messages, made before the protocol):
-    the first action of a new episode id announces that episode.
+    measured pose (none younger than ``safety.max_pose_age_s``: a latched fault) and holds until
+    the first action; an inactive one for the current episode stops it; an arm action of any
+    other episode is dropped (``dropped:stale_episode`` for an episode that ended, else
+    ``dropped:unknown_episode``). ``implicit_episodes`` (recordings without ``/episode`` messages,
+    made before the protocol): the first action of a new episode id announces that episode.
+
+    Times are seconds on the replay time base (log time since the recording's first message).
+    The recorder logs a message at its ROS receive time, so a ROS stamp converts as the node
+    converts it at arrival (``now - (ros_now - stamp)``): ``(stamp - t0)``. The caller passes
+    converted times: ``pose_time`` of each ee_pose (its header stamp) and ``observation_time``
+    of each action (its ``observation_stamp``), None for a zero or missing stamp.
     """
 
-    def __init__(self, config: Any, ee_pose_timeout_s: float, implicit_episodes: bool = False) -> None:
+    def __init__(self, config: Any, implicit_episodes: bool = False) -> None:
         from rt2_ros.safety import SafetyFilter
 
         self.filter = SafetyFilter(config)
+        self.config = config
         self.period = 1.0 / config.command_rate_hz
-        self.pose_timeout = ee_pose_timeout_s
         self.implicit_episodes = implicit_episodes
         self.episode_id = NO_EPISODE
         self.ended: set[bytes] = set()
-        self.pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None
+        self.pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None  # p, q(wxyz), pose time
         self.next_tick: float | None = None
         self.drops: dict[str, int] = {}
+        self.poses_ignored: dict[str, int] = {}  # why ee_poses were not used ("no_stamp", "future") -> count
 
     def _fresh_pose(self, t: float) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
-        if self.pose is None or t - self.pose[2] > self.pose_timeout:
+        if self.pose is None or t - self.pose[2] > self.config.max_pose_age_s:
             return None
         return self.pose
 
     def advance(self, t: float) -> None:
-        """Run the command-rate ticks up to time ``t``."""
+        """Run the command-rate ticks up to time ``t`` (each with the last pose and its time, fresh or
+        not: the filter holds once it is older than ``safety.max_pose_age_s``)."""
         if self.next_tick is None:
             self.next_tick = t
         while self.next_tick <= t:
-            pose = self._fresh_pose(self.next_tick)
-            self.filter.tick(self.next_tick, *(pose[:2] if pose else (None, None)))
+            if self.pose is None:
+                self.filter.tick(self.next_tick)
+            else:
+                self.filter.tick(self.next_tick, self.pose[0], self.pose[1], pose_time=self.pose[2])
             self.next_tick += self.period
 
-    def on_pose(self, t: float, position: tuple[float, ...], orientation: tuple[float, ...]) -> None:
-        self.pose = (position, orientation, t)
+    def on_pose(self, t: float, position: tuple[float, ...], orientation: tuple[float, ...],
+                pose_time: float | None) -> None:
+        """An ee_pose logged at ``t``, measured at ``pose_time`` (None: zero stamp, not used)."""
+        if pose_time is None:
+            self.poses_ignored["no_stamp"] = self.poses_ignored.get("no_stamp", 0) + 1
+            return
+        if pose_time - t > self.config.max_future_stamp_s:
+            self.poses_ignored["future"] = self.poses_ignored.get("future", 0) + 1
+            return
+        if self.pose is not None and pose_time < self.pose[2]:
+            return  # an older pose than the one held (reordered delivery)
+        self.pose = (position, orientation, pose_time)
 
     def on_episode(self, t: float, episode_id: bytes, active: bool, reason: str = "") -> None:
         from rt2_ros.safety import SafetyState
@@ -862,14 +894,15 @@ class _SafetyReplay:
             return  # the episode is current, its actions are ignored until a reset
         if pose is None:
             self.filter.fault("no fresh end-effector pose on ee_pose; cannot start the episode", latch=True)
-        elif self.filter.start_episode(pose[0], pose[1], None, t):
+        elif self.filter.start_episode(pose[0], pose[1], None, t, pose_time=pose[2]):
             self.filter.hold("waiting for the first action")
 
     def on_estop(self, pressed: bool) -> None:
         if pressed:
             self.filter.estop("estop topic")
 
-    def on_action(self, t: float, action: ArmAction, episode_id: bytes) -> tuple[str, ...]:
+    def on_action(self, t: float, action: ArmAction, episode_id: bytes,
+                  observation_time: float | None) -> tuple[str, ...]:
         if (self.implicit_episodes and episode_id not in (self.episode_id, NO_EPISODE)
                 and episode_id not in self.ended):
             self.on_episode(t, episode_id, True)
@@ -877,7 +910,7 @@ class _SafetyReplay:
             cause = "stale_episode" if episode_id in self.ended else "unknown_episode"
             self.drops[cause] = self.drops.get(cause, 0) + 1
             return (f"dropped:{cause}",)
-        verdict = self.filter.on_action(action, t)
+        verdict = self.filter.on_action(action, t, observation_time=observation_time)
         return tuple(verdict.reasons) if verdict.reasons else (("ok",) if verdict.accepted else ("rejected",))
 
     @property
@@ -899,16 +932,19 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
     and the report names it; ``recorded_nodes`` says whose parameters ``recorded`` holds,
     default: those whose keys it has). ``candidate``: the parameters to evaluate (default: the
     recorded ones), ``candidate_source`` says where they come from (for the report). Keys used:
-    ``tokenizer.*``, ``safety.*`` and ``ee_pose_timeout_s``.
+    ``tokenizer.*`` and ``safety.*``.
 
     Each recorded ``/arm_action`` is a step. Its ``ActionTokens`` (same observation_seq) are
     re-decoded with the candidate tokenizer and compared with the recorded action. Two safety
     filters replay the same event stream (episodes, measured ee poses, e-stops, actions at
     their recorded times, command-rate ticks between them): one with the recorded params on the
     recorded actions, one with the candidate params on the re-decoded actions; their verdicts
-    are compared. Episodes come from the recorded ``/episode`` announcements, as the safety node
-    takes them (a recording without any is replayed with each new episode id starting an
-    episode at its first action, with a note). Raises :class:`RecordingReadError` / :class:`ReplayConfigError`.
+    are compared. Freshness is judged as the safety node judges it: each action by its
+    ``observation_stamp`` (zero or absent, as in recordings made before ArmAction had one:
+    refused as ``no_observation_stamp``, with a note), each ee_pose by its header stamp.
+    Episodes come from the recorded ``/episode`` announcements, as the safety node takes them (a
+    recording without any is replayed with each new episode id starting an episode at its first
+    action, with a note). Raises :class:`RecordingReadError` / :class:`ReplayConfigError`.
     """
     notes: list[str] = []
     if recorded is None:
@@ -922,9 +958,13 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
     recorded = {k: v for k, v in recorded.items() if _replay_node(k) in have or _replay_node(k) is None}
     assumed = tuple(n for n in REPLAY_NODES if n not in have)
     candidate = dict(recorded if candidate is None else candidate)
-    rec_tok, rec_safety, rec_timeout = _build_filters(recorded)
-    cand_tok, cand_safety, cand_timeout = _build_filters(candidate)
+    rec_tok, rec_safety = _build_filters(recorded)
+    cand_tok, cand_safety = _build_filters(candidate)
     changed = _changed_params(recorded, candidate)
+    retired = {k: v for k, v in recorded.items() if k in _RETIRED_KEYS} if "rt2_safety" in have else {}
+    for key, value in sorted(retired.items()):
+        notes.append(f"the run had {key}={value!r}, a parameter the safety node no longer has: replaced by "
+                     f"{_RETIRED_KEYS[key]}; the replay uses safety.max_pose_age_s={rec_safety.max_pose_age_s!r}")
 
     truncated: list[str] = []
     messages = sorted(iter_messages(path, truncated=truncated), key=lambda m: m.log_time_ns)
@@ -937,8 +977,15 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
         notes.append("no /episode messages recorded (a recording made before the episode protocol, or /episode "
                      "not recorded): each new episode id starts an episode at its first action, instructions "
                      "are not replayed")
-    base = _SafetyReplay(rec_safety, rec_timeout, implicit)
-    cand = _SafetyReplay(cand_safety, cand_timeout, implicit)
+    base = _SafetyReplay(rec_safety, implicit)
+    cand = _SafetyReplay(cand_safety, implicit)
+
+    def replay_time(stamp: Any) -> float | None:
+        """A recorded ROS stamp on the replay time base (None: zero or absent, i.e. unknown)."""
+        ns = _stamp_ns(stamp)
+        return None if ns is None else (ns - t0) * 1e-9
+
+    unstamped_actions = 0
     replies: dict[int, Any] = {}  # observation_seq -> latest ActionTokens
     executed: set[int] = set()
     steps: list[ReplayStep] = []
@@ -963,8 +1010,9 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
                 profiles.add(msg.profile)
         elif kind == "pose":
             p, q = msg.pose.position, msg.pose.orientation
+            pose_time = replay_time(getattr(getattr(msg, "header", None), "stamp", None))
             for sim in (base, cand):
-                sim.on_pose(t, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z))
+                sim.on_pose(t, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z), pose_time)
         elif kind == "episode":
             episode_id = _episode_key(msg.episode_id)
             if msg.active:
@@ -995,12 +1043,15 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
                 else:
                     note = "continuous action chunk: nothing to re-decode"
             episode_id = _episode_key(msg.episode_id)
-            recorded_verdict = base.on_action(t, rec_action, episode_id)
+            # Absent in recordings made before ArmAction had the field; zero when a publisher left it unset.
+            observed = replay_time(getattr(msg, "observation_stamp", None))
+            unstamped_actions += observed is None
+            recorded_verdict = base.on_action(t, rec_action, episode_id, observed)
             if match is False and redecoded is None:
                 verdict: tuple[str, ...] = ("not_executed:invalid_tokens",)
             else:
                 # Equal actions go in as recorded, so float noise can never flip a verdict.
-                verdict = cand.on_action(t, rec_action if match is not False else redecoded, episode_id)
+                verdict = cand.on_action(t, rec_action if match is not False else redecoded, episode_id, observed)
             steps.append(ReplayStep(len(steps) + 1, t, seq, short_id(episode_id),
                                     tuple(int(v) for v in (tokens_msg.tokens if tokens_msg is not None else ())),
                                     rec_action, redecoded, note, match, verdict, recorded_verdict))
@@ -1021,6 +1072,17 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
             raise RecordingReadError(f"{truncated[0]}; no arm action before that point, nothing to replay")
         notes.append("no /arm_action messages in the recording: nothing to replay (was the policy running, and "
                      "did rt2-record record /arm_action?)")
+    if unstamped_actions:
+        notes.append(f"{unstamped_actions} of {len(steps)} arm actions carry no observation_stamp (zero, or a "
+                     "recording made before ArmAction had the field): the safety node refuses an action of unknown "
+                     "age, and so does the replay (rejected:no_observation_stamp); such a recording cannot show "
+                     "what the filter would have executed")
+    for cause, text in (("no_stamp", "a zero header stamp (unknown age)"),
+                        ("future", "a header stamp further ahead of the log time than safety.max_future_stamp_s "
+                                   "(recorded params)")):
+        if base.poses_ignored.get(cause):
+            notes.append(f"{base.poses_ignored[cause]} /ee_pose messages not used, as the safety node ignores them: "
+                         f"{text}")
     if base.drops:
         notes.append("arm actions of an episode the safety node was not executing, dropped as the node does: "
                      + ", ".join(f"{cause} {n}" for cause, n in sorted(base.drops.items())))
@@ -1060,7 +1122,6 @@ def _changed_params(recorded: Mapping[str, Any], candidate: Mapping[str, Any]) -
     from rt2_ros.tokens import TOKENIZER_PARAMS
 
     defaults = {s.name: s.default for s in (*TOKENIZER_PARAMS, *SAFETY_PARAMS)}
-    defaults["ee_pose_timeout_s"] = EE_POSE_TIMEOUT_DEFAULT_S
     out = []
     for key in sorted(defaults):
         a, b = recorded.get(key, defaults[key]), candidate.get(key, defaults[key])
@@ -1180,7 +1241,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _load_params_file(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """(tokenizer.* of rt2_policy and safety.* / ee_pose_timeout_s of rt2_safety as the nodes would run
+    """(tokenizer.* of rt2_policy and safety.* of rt2_safety as the nodes would run
     with a ROS 2 params file, the nodes the file configures). The file is checked exactly as
     ``rt2-bringup --check`` checks it: a file the nodes would refuse is refused here too."""
     from rt2_ros.nodes.bringup import ParamsFileError, check_params
@@ -1191,13 +1252,12 @@ def _load_params_file(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
     except (ParamsFileError, ConfigError) as exc:
         raise ReplayConfigError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from exc
     out = {k: v for k, v in checked.nodes["rt2_policy"].items() if k.startswith("tokenizer.")}
-    out.update({k: v for k, v in checked.nodes["rt2_safety"].items()
-                if k.startswith("safety.") or k == "ee_pose_timeout_s"})
+    out.update({k: v for k, v in checked.nodes["rt2_safety"].items() if k.startswith("safety.")})
     return out, tuple(n for n in REPLAY_NODES if n in checked.configured)
 
 
 def _params_from_file(path: str) -> dict[str, Any]:
-    """tokenizer.* of rt2_policy and safety.* / ee_pose_timeout_s of rt2_safety from a ROS 2 params file."""
+    """tokenizer.* of rt2_policy and safety.* of rt2_safety from a ROS 2 params file."""
     return _load_params_file(path)[0]
 
 
@@ -1225,7 +1285,9 @@ def replay_main(argv: list[str] | None = None) -> int:
     try:
         recorded = recorded_params(args.file)
         have = recorded_param_nodes(args.file, recorded)
-        run = {k: v for k, v in recorded.items() if _replay_node(k) in have}  # as replay() takes them
+        # as replay() takes them (a retired rt2_safety key only for its note)
+        run = {k: v for k, v in recorded.items()
+               if _replay_node(k) in have or (k in _RETIRED_KEYS and "rt2_safety" in have)}
         source = ""
         if args.params:
             candidate, configured = _load_params_file(args.params)
@@ -1237,8 +1299,8 @@ def replay_main(argv: list[str] | None = None) -> int:
         given = _parse_set(args.set)
         unknown = [k for k in given if _replay_node(k) is None]
         if unknown:
-            raise ReplayConfigError(f"--set {unknown[0]}: replay only evaluates tokenizer.*, safety.* and "
-                                    f"ee_pose_timeout_s")
+            hint = f" ({unknown[0]} was replaced by {_RETIRED_KEYS[unknown[0]]})" if unknown[0] in _RETIRED_KEYS else ""
+            raise ReplayConfigError(f"--set {unknown[0]}: replay only evaluates tokenizer.* and safety.*{hint}")
         candidate.update(given)
         if given:
             source = (source or "the run parameters") + " with --set " + ", ".join(args.set)

@@ -26,16 +26,32 @@ Model of control (MoveIt Servo style):
   what the arm held when it crashed. Nothing is commanded until an action gives an absolute
   gripper value (taken at once, not ramped from an invented one); relative gripper actions
   are ignored while unknown.
+* Freshness is judged where data is used, on the caller's clock (the node converts ROS stamps
+  to ``time.monotonic()`` at arrival: ``t = now - (ros_now - stamp)``), not only where it
+  arrives. "Executing" an action means two things, and the age bound holds for both: applying
+  its delta to the target (on arrival, :meth:`SafetyFilter.on_action`) and pursuing that
+  target (every :meth:`SafetyFilter.tick`). An action whose camera frame is older than
+  ``max_action_age_s`` is refused on arrival, and a target stops being pursued (hold) the first
+  tick its frame is older than that, however recently it arrived. The measured pose is used
+  only while younger than ``max_pose_age_s``: past that, hold — no dead reckoning toward a
+  target on a pose nobody measured. Unknown ages (no stamp) count as too old; stamps ahead of
+  the clock by more than ``max_future_stamp_s`` are refused (clock trouble, not freshness).
+* Bursts: at most one step per ``min_action_interval_s`` (by arrival) reaches the target;
+  further actions in that interval are dropped and counted, so a queue that flushes N actions
+  at once moves the target one step, not N (a per-action step limit alone would allow N).
+  Dropping was preferred to queueing them (that would execute old steps late) and to a rate
+  limit on the target (that would still execute all N, just later).
 * Limits can change at run time (:meth:`SafetyFilter.check_config`,
   :meth:`SafetyFilter.update_config`): speeds, steps and timeouts take effect on the next
   tick; a new workspace/keep-out geometry is refused while it would exclude the arm or its
   target, and otherwise holds a running episode so the next action starts from the arm's pose.
 
 State machine (see docs/safety.md for the diagram): IDLE -> RUNNING on ``start_episode``;
-RUNNING <-> HOLDING on watchdog/rejected action vs. a fresh valid action; TERMINATED on a
-terminate action (until the next ``start_episode``); FAULT on ``fault()`` (self-clearing by the
-next valid action unless latched); ESTOPPED on ``estop()``, which wins over everything and is
-left only through ``reset_estop()`` (-> IDLE, a new episode is then required).
+RUNNING <-> HOLDING on watchdog, stale pose or target, or a rejected action vs. a fresh valid
+action; TERMINATED on a terminate action (until the next ``start_episode``); FAULT on
+``fault()`` (self-clearing by the next valid action unless latched); ESTOPPED on ``estop()``,
+which wins over everything and is left only through ``reset_estop()`` (-> IDLE, a new episode
+is then required).
 
 Rejected alternatives: accumulating deltas on the *measured* pose (feeds tracking lag back
 into the target: the arm creeps); sending pose targets straight to the controller (no speed
@@ -49,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -115,6 +132,23 @@ SAFETY_PARAMS: tuple[ParamSpec, ...] = (
               "Longest time one twist may act (set to the controller's command timeout, MoveIt Servo "
               "incoming_command_timeout): the workspace/keep-out check looks this far ahead, and longer "
               "gaps between ticks count as this long", "s", low=0.001, high=1.0),
+    ParamSpec("safety.max_action_age_s", "double", 1.2,
+              "Oldest camera frame an action may answer (ArmAction.observation_stamp) when it is executed: "
+              "older on arrival -> refused (stale_action), and the target it set is no longer pursued once "
+              "its frame is older (hold). The backstop of the policy node's policy.max_action_age_s (1.0 s by "
+              "default), which must not exceed it (rt2-bringup checks both nodes' files)", "s",
+              low=0.05, high=10.0),
+    ParamSpec("safety.max_future_stamp_s", "double", 0.05,
+              "Clock tolerance between processes: an action stamped further ahead of this node's clock is "
+              "refused (future_action), an ee_pose stamped further ahead is not used", "s", low=0.0, high=1.0),
+    ParamSpec("safety.max_pose_age_s", "double", 0.25,
+              "Oldest measured ee_pose (by its header stamp) the arm may move on: older -> hold (no_fresh_pose), "
+              "no dead reckoning; an episode needs a fresh one to start", "s", low=0.01, high=1.0),
+    ParamSpec("safety.min_action_interval_s", "double", 0.05,
+              "Shortest time between two executed actions (by arrival): any further action within it is "
+              "dropped (burst), so N actions delivered at once move the target one step. Keep it below the "
+              "policy period (1 / policy.execute_rate_hz) minus delivery jitter; 0 disables", "s",
+              low=0.0, high=1.0),
 )
 
 
@@ -150,6 +184,10 @@ class SafetyConfig:
     boundary_tolerance_m: float
     command_rate_hz: float
     lookahead_s: float
+    max_action_age_s: float
+    max_future_stamp_s: float
+    max_pose_age_s: float
+    min_action_interval_s: float
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any] | None = None) -> SafetyConfig:
@@ -208,6 +246,12 @@ class SafetyConfig:
         if self.watchdog_timeout_s <= period:
             raise ConfigError(f"safety.watchdog_timeout_s: {self.watchdog_timeout_s} s must be longer than one "
                               f"command period (1 / safety.command_rate_hz = {period:.4g} s)")
+        # A policy paced at the slowest rate the burst limit lets through must still feed the
+        # watchdog and keep its targets fresh; otherwise the arm could only ever hold.
+        for other in ("watchdog_timeout_s", "max_action_age_s"):
+            if self.min_action_interval_s >= getattr(self, other):
+                raise ConfigError(f"safety.min_action_interval_s: {self.min_action_interval_s} s must be shorter "
+                                  f"than safety.{other} = {getattr(self, other)} s")
 
 
 @dataclass(frozen=True)
@@ -369,6 +413,9 @@ class SafetyFilter:
     * ``|v| <= max_linear_speed_m_s``, ``|w| <= max_angular_speed_rad_s``; the velocity changes
       by at most ``accel * dt`` except when a safety limit (hold, boundary) cuts it down;
     * only RUNNING produces motion; estop wins over everything;
+    * no motion on old data: a non-zero twist only while the last measured pose is at most
+      ``max_pose_age_s`` old and the camera frame behind the target at most ``max_action_age_s``;
+    * at most one action per ``min_action_interval_s`` moves the target;
     * the gripper command is never invented: unknown (None) until an absolute gripper action
       sets it, never changed by a hold, and never returns to unknown.
     """
@@ -395,9 +442,17 @@ class SafetyFilter:
         self._last_tick_time: float | None = None
         self._last_seq = -1
         self._last_reasons: tuple[str, ...] = ()
+        # Freshness (all on the caller's clock, the one of ``now``): when the measured pose was
+        # taken, when the camera frame behind the commanded target was taken, and when the last
+        # step was applied to the target (burst limit). -inf: never / none.
+        self._pose_time = -math.inf
+        self._target_obs_time = -math.inf
+        self._last_step_time = -math.inf
+        self._drops: Counter[str] = Counter()
+        self._refusal = ""  # "<cause>: <detail>" of the last freshness refusal (for a log line)
         self._counters = {name: 0 for name in (
-            "actions_accepted", "actions_rejected", "actions_clipped", "actions_ignored", "watchdog_trips",
-            "estops", "terminations", "faults", "episodes")}
+            "actions_accepted", "actions_rejected", "actions_clipped", "actions_ignored", "actions_dropped",
+            "watchdog_trips", "estops", "terminations", "faults", "episodes")}
 
     # -- read-only views --------------------------------------------------------------------------
     @property
@@ -416,6 +471,30 @@ class SafetyFilter:
     def counters(self) -> dict[str, int]:
         """A copy of the event counters (for diagnostics)."""
         return dict(self._counters)
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        """Freshness and rate refusals by cause, since the filter was made: actions not executed
+        (``stale_action``, ``future_action``, ``no_observation_stamp``, ``no_fresh_pose``, ``burst``)
+        and trips of a RUNNING episode into HOLDING for one of these (``hold:<cause>``, once per
+        trip, whether a tick found the pose or the target too old or a refused action did)."""
+        return dict(self._drops)
+
+    @property
+    def last_refusal(self) -> str:
+        """``"<cause>: <detail>"`` of the last action refused for freshness or as a burst ("" if none yet)."""
+        return self._refusal
+
+    @property
+    def pose_time(self) -> float | None:
+        """When the pose the filter moves on was measured (clock of ``now``); None: never."""
+        return None if math.isinf(self._pose_time) else self._pose_time
+
+    @property
+    def target_observation_time(self) -> float | None:
+        """When the camera frame behind the commanded target was taken (the newest accepted
+        action's ``observation_time``); None while no action of this episode set the target."""
+        return None if math.isinf(self._target_obs_time) else self._target_obs_time
 
     @property
     def last_reasons(self) -> tuple[str, ...]:
@@ -454,20 +533,24 @@ class SafetyFilter:
                "target_position": " ".join(f"{v:.4f}" for v in self._target_p),
                "gripper_command": "unknown" if self._g_cmd is None else f"{self._g_cmd:.3f}"}
         out.update({k: str(v) for k, v in self._counters.items()})
+        out.update({f"dropped:{k}": str(v) for k, v in sorted(self._drops.items())})
         return out
 
     # -- operator / episode events -------------------------------------------------------------------
-    def start_episode(self, position: Any, orientation_wxyz: Any, gripper: float | None, now: float) -> bool:
+    def start_episode(self, position: Any, orientation_wxyz: Any, gripper: float | None, now: float,
+                      pose_time: float | None = None) -> bool:
         """Begin executing a new instruction from the given (measured) pose.
 
         From any state except ESTOPPED (a new instruction also ends TERMINATED, clears a FAULT
         and restarts a running episode). The commanded target := the given pose, the gripper
         command := ``gripper`` (clamped to 0..1; None keeps the filter's own last command, which
-        is None — unknown — if no gripper value was ever known), the watchdog starts at ``now``. Refused
-        (returns False, ``last_reasons`` says why; a running episode is stopped) when the pose is
-        not finite, the quaternion is degenerate, or the position lies outside the workspace or
-        inside a keep-out box by more than ``boundary_tolerance_m`` — the filter never drags
-        the arm into its workspace on its own.
+        is None — unknown — if no gripper value was ever known), the watchdog starts at ``now``.
+        ``pose_time``: when the pose was measured (default ``now``). Refused (returns False,
+        ``last_reasons`` says why; a running episode is stopped) when the pose is not finite, the
+        quaternion is degenerate, the pose is older than ``max_pose_age_s`` or stamped in the
+        future beyond ``max_future_stamp_s`` (``rejected:start_pose_stale``), or the position lies
+        outside the workspace or inside a keep-out box by more than ``boundary_tolerance_m`` — the
+        filter never drags the arm into its workspace on its own.
         """
         if self._estopped:
             self._last_reasons = ("ignored:estopped",)
@@ -478,15 +561,18 @@ class SafetyFilter:
             q = np.asarray(orientation_wxyz, dtype=np.float64).reshape(-1)
             g = None if gripper is None else float(gripper)
             t = float(now)
+            t_pose = t if pose_time is None else float(pose_time)
         except (TypeError, ValueError):
-            p, q, g, t = np.zeros(0), np.zeros(0), math.nan, math.nan
+            p, q, g, t, t_pose = np.zeros(0), np.zeros(0), math.nan, math.nan, math.nan
         if p.shape != (3,) or q.shape != (4,):
             why = "rejected:start_pose_shape"
         elif not (np.all(np.isfinite(p)) and np.all(np.isfinite(q)) and (g is None or math.isfinite(g))
-                  and math.isfinite(t)):
+                  and math.isfinite(t) and math.isfinite(t_pose)):
             why = "rejected:start_non_finite"
         elif _norm(q) < 1e-6:
             why = "rejected:start_orientation_degenerate"
+        elif not -self._cfg.max_future_stamp_s <= t - t_pose <= self._cfg.max_pose_age_s:
+            why = "rejected:start_pose_stale"
         elif np.any(p < self._ws_lo - self._cfg.boundary_tolerance_m) or np.any(
                 p > self._ws_hi + self._cfg.boundary_tolerance_m):
             why = "rejected:start_outside_workspace"
@@ -511,6 +597,9 @@ class SafetyFilter:
         self._last_action_time = t
         self._last_tick_time = t
         self._last_seq = -1
+        self._pose_time = min(t_pose, t)
+        self._target_obs_time = -math.inf  # no action of this episode yet: nothing to pursue
+        self._last_step_time = -math.inf
         self._counters["episodes"] += 1
         self._last_reasons = ("start",)
         return True
@@ -647,19 +736,34 @@ class SafetyFilter:
         self._last_reasons = ("config_updated",)
 
     # -- policy actions ---------------------------------------------------------------------------------
-    def on_action(self, action: ArmAction, now: float) -> Verdict:
+    def on_action(self, action: ArmAction, now: float, observation_time: float | None = None) -> Verdict:
         """Apply one decoded policy action (a per-step delta) to the commanded target.
+
+        ``now``: arrival time (monotonic); ``observation_time``: when the camera frame the action
+        answers was taken, on the clock of ``now`` (the node converts ArmAction.observation_stamp:
+        ``now - (ros_now - stamp)``); None = unknown.
 
         In order:
 
         1. ESTOPPED, latched FAULT, IDLE or TERMINATED: ignored (``ignored:<state>``), counted.
         2. Not an ArmAction / non-finite ``now``: rejected, hold (HOLDING), counted.
         3. ``terminate``: -> TERMINATED, hold, no motion until the next start_episode (the other
-           fields of a terminate action are not used, even if malformed).
-        4. NaN/inf anywhere: ``rejected:non_finite``, hold (HOLDING), counted; an observation_seq
-           older than the last accepted one: ``rejected:out_of_order`` (equal is allowed: one
-           observation can yield a chunk of actions).
-        5. Otherwise accepted (resumes RUNNING from HOLDING or a non-latched FAULT; restarts the
+           fields of a terminate action are not used, even if malformed, and neither is its age:
+           stopping is always allowed).
+        4. NaN/inf anywhere: ``rejected:non_finite``, hold (HOLDING), counted.
+        5. Freshness, each ``rejected:<cause>``, hold (HOLDING), counted in ``actions_rejected`` and
+           in :attr:`drop_counts` under ``<cause>``: unknown (None / non-finite) observation time:
+           ``no_observation_stamp`` (the arm never moves on data of unknown age); frame more than
+           ``max_future_stamp_s`` ahead of ``now``: ``future_action``; frame older than
+           ``max_action_age_s`` (``now - observation_time > max_action_age_s``): ``stale_action``;
+           measured pose older than ``max_pose_age_s``: ``no_fresh_pose``.
+        6. An observation_seq older than the last accepted one: ``rejected:out_of_order`` (equal
+           is allowed: one observation can yield a chunk of actions).
+        7. Burst: less than ``min_action_interval_s`` after the last applied step of this episode
+           (``now - last < min_action_interval_s``): ``dropped:burst``, counted in
+           ``actions_dropped`` and :attr:`drop_counts`; no hold (the step already applied stands),
+           and the watchdog is not fed.
+        8. Otherwise accepted (resumes RUNNING from HOLDING or a non-latched FAULT; restarts the
            watchdog): the delta's translation and rotation norms are clipped to the per-step
            limits (``clipped:step_translation`` / ``clipped:step_rotation``, direction kept);
            new target = previous commanded target + delta (NOT the measured pose), clipped
@@ -694,8 +798,27 @@ class SafetyFilter:
             return Verdict(True, self._last_reasons)
         if not action.is_finite():
             return self._reject("rejected:non_finite")
+        cfg = self._cfg
+        obs = _finite_or_none(observation_time)
+        if obs is None:
+            return self._refuse("no_observation_stamp", "the action does not say when its camera frame was taken")
+        if obs - now > cfg.max_future_stamp_s:
+            return self._refuse("future_action", f"camera frame stamped {obs - now:.3f} s in the future "
+                                                 f"(> safety.max_future_stamp_s {cfg.max_future_stamp_s} s)")
+        if now - obs > cfg.max_action_age_s:
+            return self._refuse("stale_action", f"camera frame {now - obs:.3f} s old on arrival "
+                                                f"(> safety.max_action_age_s {cfg.max_action_age_s} s)")
+        if now - self._pose_time > cfg.max_pose_age_s:
+            return self._refuse("no_fresh_pose", self._pose_age_text(now))
         if 0 <= action.observation_seq < self._last_seq:
             return self._reject("rejected:out_of_order")
+        if now - self._last_step_time < cfg.min_action_interval_s:
+            self._counters["actions_dropped"] += 1
+            self._drops["burst"] += 1
+            self._refusal = (f"burst: {now - self._last_step_time:.3f} s after the last applied step "
+                             f"(< safety.min_action_interval_s {cfg.min_action_interval_s} s)")
+            self._last_reasons = ("dropped:burst",)
+            return Verdict(False, self._last_reasons)
 
         reasons: list[str] = []
         delta, clipped = _clip_norm(action.translation, self._cfg.max_step_translation_m)
@@ -739,6 +862,8 @@ class SafetyFilter:
             self._episode = SafetyState.RUNNING
         self._hold_reason = ""
         self._last_action_time = now
+        self._last_step_time = now
+        self._target_obs_time = obs
         if action.observation_seq >= 0:
             self._last_seq = action.observation_seq
         self._counters["actions_accepted"] += 1
@@ -748,16 +873,27 @@ class SafetyFilter:
         return Verdict(True, self._last_reasons)
 
     # -- the command-rate loop ---------------------------------------------------------------------------
-    def tick(self, now: float, measured_position: Any = None, measured_orientation: Any = None) -> SafeCommand:
+    def tick(self, now: float, measured_position: Any = None, measured_orientation: Any = None,
+             pose_time: float | None = None) -> SafeCommand:
         """The command for this instant; call at ``command_rate_hz`` with a monotonic ``now``.
 
         * The pose estimate advances by the previous twist over ``min(dt, lookahead_s)``, or is
-          replaced by the measured pose when given. A malformed/non-finite measurement or a
-          clock that went backwards gives a hold for this tick (``rejected:*``).
+          replaced by the measured pose when given; ``pose_time`` says when it was measured (clock
+          of ``now``; default ``now``). A measurement older than the one already held is not
+          adopted. A malformed/non-finite measurement, one stamped more than
+          ``max_future_stamp_s`` ahead, or a clock that went backwards gives a hold for this tick
+          (``rejected:*``).
         * State not RUNNING -> hold: zero twist immediately (``hold:<state>``).
-        * Watchdog: no accepted action for ``watchdog_timeout_s`` (``now - last >= timeout``)
-          -> HOLDING, counted once per trip, hold; the next valid action resumes. With ticks
-          every 1/rate s the hold starts within one tick period of the timeout.
+        * Then, each -> HOLDING (target frozen at the current pose estimate), hold, counted once
+          per trip; the next valid (and fresh) action resumes:
+
+          - watchdog: no accepted action for ``watchdog_timeout_s`` (``now - last >= timeout``),
+            ``hold:watchdog``; with ticks every 1/rate s within one tick period of the timeout;
+          - the last measured pose is older than ``max_pose_age_s`` (``now - pose_time >
+            max_pose_age_s``): ``hold:no_fresh_pose`` (no dead reckoning beyond that age);
+          - the camera frame behind the target is older than ``max_action_age_s``
+            (``now - observation_time > max_action_age_s``): ``hold:stale_action`` — a target is
+            never pursued on data older than the bound, however long ago the action arrived.
         * Else linear: v = gain * (target - position), zero within ``goal_tolerance_m``,
           norm-limited to the max speed, then to ``accel * dt`` change from the previous
           twist, then each component limited so that ``position + v * lookahead_s`` stays in the
@@ -778,7 +914,7 @@ class SafetyFilter:
         # tick neither over-integrates nor licenses a big velocity jump.
         dt = min(dt, cfg.lookahead_s)
         self._integrate(dt)
-        problem = self._take_measurement(measured_position, measured_orientation)
+        problem = self._take_measurement(measured_position, measured_orientation, now, pose_time)
         if problem:
             return self._hold_tick((problem,))
 
@@ -789,6 +925,16 @@ class SafetyFilter:
             self._counters["watchdog_trips"] += 1
             self._enter_hold(SafetyState.HOLDING, "watchdog: no fresh valid action")
             return self._hold_tick(("hold:watchdog",))
+        if now - self._pose_time > cfg.max_pose_age_s:
+            self._drops["hold:no_fresh_pose"] += 1
+            self._enter_hold(SafetyState.HOLDING, f"no_fresh_pose: {self._pose_age_text(now)}")
+            return self._hold_tick(("hold:no_fresh_pose",))
+        if now - self._target_obs_time > cfg.max_action_age_s and not math.isinf(self._target_obs_time):
+            self._drops["hold:stale_action"] += 1
+            self._enter_hold(SafetyState.HOLDING, f"stale_action: the target's camera frame is "
+                                                  f"{now - self._target_obs_time:.3f} s old "
+                                                  f"(> safety.max_action_age_s {cfg.max_action_age_s} s)")
+            return self._hold_tick(("hold:stale_action",))
 
         reasons: list[str] = []
         v = self._linear_velocity(dt, reasons)
@@ -865,8 +1011,18 @@ class SafetyFilter:
             q = tq.qmult(_quat_from_rotvec(self._w_prev * dt), self._q_est)
             self._q_est = q / _norm(q)
 
-    def _take_measurement(self, position: Any, orientation: Any) -> str:
-        """Adopt a measured pose; returns a rejection reason ("" when fine or absent)."""
+    def _take_measurement(self, position: Any, orientation: Any, now: float, pose_time: Any) -> str:
+        """Adopt a measured pose taken at ``pose_time`` (default ``now``); returns a rejection
+        reason ("" when fine or absent). One older than the pose already held is ignored."""
+        if position is None and orientation is None:
+            return ""
+        t = now if pose_time is None else _finite_or_none(pose_time)
+        if t is None:
+            return "rejected:measured_pose_time"
+        if t - now > self._cfg.max_future_stamp_s:
+            return "rejected:measured_pose_future"
+        if t < self._pose_time:
+            return ""  # an older measurement than the one the estimate already starts from
         if position is not None:
             p = np.asarray(position, dtype=np.float64).reshape(-1)
             if p.shape != (3,) or not np.all(np.isfinite(p)):
@@ -877,7 +1033,14 @@ class SafetyFilter:
             if q.shape != (4,) or not np.all(np.isfinite(q)) or _norm(q) < 1e-6:
                 return "rejected:measured_orientation"
             self._q_est = q / _norm(q)
+        self._pose_time = min(t, now)
         return ""
+
+    def _pose_age_text(self, now: float) -> str:
+        if math.isinf(self._pose_time):
+            return "no ee_pose measured"
+        return (f"last ee_pose {now - self._pose_time:.3f} s old "
+                f"(> safety.max_pose_age_s {self._cfg.max_pose_age_s} s)")
 
     def _hold_tick(self, reasons: tuple[str, ...]) -> SafeCommand:
         """Zero twist now (stopping is never acceleration-limited); gripper command frozen."""
@@ -899,6 +1062,17 @@ class SafetyFilter:
     def _ignore(self, reason: str) -> Verdict:
         self._counters["actions_ignored"] += 1
         self._last_reasons = (reason,)
+        return Verdict(False, self._last_reasons)
+
+    def _refuse(self, cause: str, detail: str) -> Verdict:
+        """A freshness rejection: ``rejected:<cause>``, counted by cause, hold with the detail."""
+        self._drops[cause] += 1
+        self._refusal = f"{cause}: {detail}"
+        self._counters["actions_rejected"] += 1
+        if self.state == SafetyState.RUNNING:
+            self._drops[f"hold:{cause}"] += 1  # a trip, as when a tick finds the pose or target too old
+            self._enter_hold(SafetyState.HOLDING, f"{cause}: {detail}")
+        self._last_reasons = (f"rejected:{cause}",)
         return Verdict(False, self._last_reasons)
 
     def _reject(self, reason: str) -> Verdict:

@@ -19,9 +19,21 @@ Security model (see docs/grpc.md):
   ``--allow-insecure-token`` (for a TLS-terminating proxy in front).
 * ``--tls-cert/--tls-key`` for TLS, plus ``--client-ca`` to require client certificates (mTLS).
 * No pickle: requests are protobuf data only (LeRobot's pickled gRPC payloads let any peer run
-  code on the server). Decoded images are size-limited (``--max-image-pixels``).
+  code on the server). Decoded images are size-limited (``--max-image-pixels`` each, at most
+  16 cameras per observation), state vectors length-limited and checked finite.
+* Message size caps both ways: an observation above ``--max-request-bytes`` is refused by gRPC
+  before it is read (default: raw rgb8 images of ``--max-image-pixels`` for each of ``--cameras``,
+  two without it, plus 1 MiB), a reply above ``--max-reply-bytes`` (default 1 MiB; an answer
+  needs a few kB) is answered RESOURCE_EXHAUSTED instead of being sent.
 * Standard gRPC health checking (``grpc.health.v1``) is served without the token, so load
   balancers and probes can use it; it reveals only SERVING / NOT_SERVING.
+
+Protocol v2: an observation carries named cameras and stamped proprioception; they are
+decoded into :class:`rt2_ros.actions.Observation` (``images``, ``image_stamps``, ``state_stamps``)
+for the hosted backend. ``--cameras`` declares the cameras the model needs (advertised in
+``GetInfo``; they lead ``Observation.images`` in that order). A robot of another protocol version
+calls another service name (the package embeds the version); rather than a bare UNIMPLEMENTED it
+gets FAILED_PRECONDITION saying which side to upgrade (:class:`OtherVersionHandler`).
 
 One model instance serves all clients; inference calls are serialised by a lock (a GPU model is
 not re-entrant) and a request that can no longer be answered within its deadline is skipped
@@ -35,12 +47,14 @@ import argparse
 import hmac
 import importlib
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +68,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rt2_ros import __version__, imaging
 from rt2_ros.actions import BackendReply, Observation
 from rt2_ros.backends import BACKENDS, Backend, BackendConfigError, BackendError, BackendTimeout, create_backend
-from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, load
+from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, VERSION_TRAILER, load
 from rt2_ros.params import ConfigError, flatten, resolve
 
 pb, pb_grpc = load()
@@ -64,6 +78,13 @@ _log = logging.getLogger("rt2_ros.serve")
 DEFAULT_HOST = "127.0.0.1"  # never exposed by accident; --host 0.0.0.0 is a deliberate choice
 DEFAULT_PORT = 50051
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_CAMERAS = 16  # per observation: each may decode to --max-image-pixels
+MAX_CAMERA_NAME = 128  # characters
+MAX_STATE_VALUES = 256  # per joint vector
+DEFAULT_MAX_REPLY_BYTES = 1024 * 1024  # an answer (text, 8 ids, an action chunk) needs a few kB
+_GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's message size options are int32
+# any version's service: rt2_ros.policy.v<N>.Policy (the package name embeds the protocol version)
+_PROTOCOL_METHOD = re.compile(r"^/rt2_ros\.policy\.v(\d+)\.Policy/(\w+)$")
 
 
 class RequestError(Exception):
@@ -153,48 +174,118 @@ def build_backend(flat: Mapping[str, Any], backend_type: str | None, backend_cla
 # -- wire conversion ------------------------------------------------------------------------------
 
 
-def observation_from_proto(msg: Any, max_pixels: int) -> Observation:
-    """The Observation in wire message ``msg``; ValueError with a client-facing message if malformed."""
-    img = msg.image
+def _decode_image(img: Any, where: str, max_pixels: int) -> np.ndarray:
+    """The uint8 HxWx3 RGB array in wire Image ``img``; ValueError starting with ``where`` if malformed."""
     if img.format in (pb.Image.JPEG, pb.Image.PNG):
         try:
             image = imaging.decode_image(img.data)
         except Exception as exc:  # ImageEncodeError, or cv2.error for images above OPENCV_IO_MAX_IMAGE_PIXELS
-            raise ValueError(f"image: cannot decode {pb.Image.Format.Name(img.format)} data ({exc})") from None
+            raise ValueError(f"{where}: cannot decode {pb.Image.Format.Name(img.format)} data ({exc})") from None
         height, width = image.shape[:2]
         if height * width > max_pixels:
-            raise ValueError(f"image: {width}x{height} exceeds the server limit of {max_pixels} pixels")
-    elif img.format == pb.Image.RAW:
+            raise ValueError(f"{where}: {width}x{height} exceeds the server limit of {max_pixels} pixels")
+        return image
+    if img.format == pb.Image.RAW:
         if img.raw_encoding != "rgb8":
-            raise ValueError(f"image: raw_encoding must be 'rgb8', got {img.raw_encoding!r}")
+            raise ValueError(f"{where}: raw_encoding must be 'rgb8', got {img.raw_encoding!r}")
         if img.width == 0 or img.height == 0:
-            raise ValueError("image: RAW needs width and height > 0")
+            raise ValueError(f"{where}: RAW needs width and height > 0")
         if img.width * img.height > max_pixels:
-            raise ValueError(f"image: {img.width}x{img.height} exceeds the server limit of {max_pixels} pixels")
+            raise ValueError(f"{where}: {img.width}x{img.height} exceeds the server limit of {max_pixels} pixels")
         expected = img.width * img.height * 3
         if len(img.data) != expected:
-            raise ValueError(f"image: RAW rgb8 {img.width}x{img.height} needs {expected} bytes, got {len(img.data)}")
-        image = np.frombuffer(img.data, dtype=np.uint8).reshape(img.height, img.width, 3).copy()
-    else:
-        raise ValueError("image: format must be JPEG, PNG or RAW")
-    ee_position = ee_orientation = gripper = None
-    if msg.HasField("ee"):
-        ee = msg.ee
-        if len(ee.position) not in (0, 3):
-            raise ValueError(f"ee.position: expected 3 values (m), got {len(ee.position)}")
-        if len(ee.orientation) not in (0, 4):
-            raise ValueError(f"ee.orientation: expected a (w, x, y, z) quaternion, got {len(ee.orientation)} values")
-        if ee.position:
-            ee_position = np.asarray(ee.position, dtype=np.float64)
-        if ee.orientation:
-            ee_orientation = np.asarray(ee.orientation, dtype=np.float64)
-        if ee.HasField("gripper"):
-            gripper = float(ee.gripper)
-        values = [v for v in (ee_position, ee_orientation, gripper) if v is not None]
-        if not all(np.all(np.isfinite(v)) for v in values):
-            raise ValueError("ee: non-finite end-effector state")
-    return Observation(image=image, instruction=msg.instruction, seq=int(msg.seq), stamp=float(msg.stamp),
-                       ee_position=ee_position, ee_orientation=ee_orientation, gripper=gripper)
+            raise ValueError(f"{where}: RAW rgb8 {img.width}x{img.height} needs {expected} bytes, got {len(img.data)}")
+        return np.frombuffer(img.data, dtype=np.uint8).reshape(img.height, img.width, 3).copy()
+    raise ValueError(f"{where}: format must be JPEG, PNG or RAW")
+
+
+def is_camera_name(name: str) -> bool:
+    """A usable camera name on the wire and in ``--cameras``: printable, no spaces, 1..MAX_CAMERA_NAME characters."""
+    return 0 < len(name) <= MAX_CAMERA_NAME and name.isprintable() and not any(c.isspace() for c in name)
+
+
+def _finite_stamp(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: non-finite stamp {value}")
+    return float(value)
+
+
+def _vector(values: Any, where: str, sizes: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """``values`` as float64 (None when empty); ValueError on a wrong length or a non-finite value."""
+    if not values:
+        return None
+    if sizes is not None and len(values) not in sizes:
+        raise ValueError(f"{where}: expected {' or '.join(map(str, sizes))} values, got {len(values)}")
+    if sizes is None and len(values) > MAX_STATE_VALUES:
+        raise ValueError(f"{where}: {len(values)} values exceed the server limit of {MAX_STATE_VALUES}")
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{where}: non-finite value in {array.tolist()}")
+    return array
+
+
+def state_from_proto(state: Any) -> dict[str, Any]:
+    """Observation keyword arguments (proprioception and ``state_stamps``) from wire RobotState ``state``."""
+    kwargs: dict[str, Any] = {
+        "ee_position": _vector(state.ee_position, "state.ee_position", (3,)),
+        "ee_orientation": _vector(state.ee_orientation, "state.ee_orientation", (4,)),
+        "gripper": float(state.gripper) if state.HasField("gripper") else None,
+        "joint_positions": _vector(state.joint_positions, "state.joint_positions"),
+        "gripper_positions": _vector(state.gripper_positions, "state.gripper_positions"),
+    }
+    if kwargs["gripper"] is not None and not math.isfinite(kwargs["gripper"]):
+        raise ValueError(f"state.gripper: non-finite closedness {kwargs['gripper']}")
+    sent = {"ee_pose": kwargs["ee_position"] is not None or kwargs["ee_orientation"] is not None,
+            **{piece: kwargs[piece] is not None for piece in ("gripper", "joint_positions", "gripper_positions")}}
+    stamps: dict[str, float] = {}
+    for piece, present in sent.items():
+        key = f"{piece}_stamp"
+        if state.HasField(key):
+            if not present:
+                raise ValueError(f"state.{key} is set but the robot sent no {piece}")
+            stamps[piece] = _finite_stamp(getattr(state, key), f"state.{key}")
+    return {**kwargs, "state_stamps": stamps}
+
+
+def observation_from_proto(msg: Any, max_pixels: int, cameras: Sequence[str] = ()) -> Observation:
+    """The Observation in wire message ``msg``; ValueError with a client-facing message if malformed.
+
+    ``cameras``: the cameras the hosted model needs, its primary first (``--cameras``); each must be
+    in the message, and they lead ``Observation.images`` in this order (the others follow in wire
+    order). Empty: the wire order as sent, its first camera the primary.
+    """
+    if not msg.images:
+        raise ValueError("images: the observation carries no camera image (rt2_ros protocol v2 sends each camera "
+                         "in Observation.images)")
+    if len(msg.images) > MAX_CAMERAS:
+        raise ValueError(f"images: {len(msg.images)} cameras exceed the server limit of {MAX_CAMERAS}")
+    images: dict[str, np.ndarray] = {}
+    image_stamps: dict[str, float] = {}
+    for i, cam in enumerate(msg.images):
+        name = cam.camera
+        if not name:
+            raise ValueError(f"images[{i}].camera: empty camera name")
+        if not is_camera_name(name):
+            raise ValueError(f"images[{i}].camera: {name[:MAX_CAMERA_NAME]!r} is not a camera name (printable, no "
+                             f"spaces, at most {MAX_CAMERA_NAME} characters)")
+        if name in images:
+            raise ValueError(f"images[{i}].camera: duplicate camera name {name!r}")
+        if not cam.HasField("image"):
+            raise ValueError(f"images[{i}] (camera {name!r}): no image")
+        images[name] = _decode_image(cam.image, f"camera {name!r}", max_pixels)
+        if cam.HasField("stamp"):
+            image_stamps[name] = _finite_stamp(cam.stamp, f"images[{i}].stamp (camera {name!r})")
+    missing = [name for name in cameras if name not in images]
+    if missing:
+        raise ValueError(f"images: the hosted model needs cameras {list(cameras)} (rt2-serve --cameras) but "
+                         f"{missing} did not come (the robot sent {list(images)})")
+    if cameras:
+        images = {**{name: images[name] for name in cameras}, **images}
+    primary = next(iter(images))
+    stamp = image_stamps.get(primary, _finite_stamp(msg.stamp, "stamp"))
+    state = state_from_proto(msg.state) if msg.HasField("state") else {}
+    return Observation(image=images[primary], instruction=msg.instruction, seq=int(msg.seq), stamp=stamp,
+                       images=images, image_stamps=image_stamps, **state)
 
 
 def reply_to_proto(reply: BackendReply, seq: int, *, inference_s: float, backend: str, model: str) -> Any:
@@ -234,10 +325,22 @@ class ServeConfig:
     workers: int = 8
     infer_timeout_s: float = 30.0  # s, upper bound when the client sent no deadline
     max_image_pixels: int = 4096 * 4096
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int | None = None  # None: derived, see request_bytes_cap()
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     image_size: tuple[int, int] | None = None  # (width, height) advertised in GetInfo
+    cameras: tuple[str, ...] = ()  # cameras the hosted model needs, its primary first; () = any
     summary_interval_s: float = 30.0
     grace_s: float = 2.0  # s given to running calls at shutdown
+
+
+def request_bytes_cap(config: ServeConfig) -> int:
+    """Largest observation message accepted: ``config.max_request_bytes``, or by default the largest
+    legitimate one — a raw rgb8 image of ``max_image_pixels`` for each camera of ``cameras`` (two
+    without it: a scene and a wrist camera) plus 1 MiB for the rest (state, instruction, framing)."""
+    if config.max_request_bytes is not None:
+        return config.max_request_bytes
+    cameras = len(config.cameras) or 2
+    return min(cameras * 3 * config.max_image_pixels + 1024 * 1024, _GRPC_MAX_MESSAGE)
 
 
 class _Stats:
@@ -319,6 +422,41 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return _deny(continuation(details), details.method, "invalid bearer token")
 
 
+def version_refusal(theirs: int) -> str:
+    """What rt2-serve answers a caller of protocol version ``theirs`` (!= PROTOCOL_VERSION)."""
+    if theirs < PROTOCOL_VERSION:
+        return (f"this rt2-serve speaks rt2_ros protocol v{PROTOCOL_VERSION}, the robot v{theirs}; upgrade the "
+                f"robot's rt2_ros to {__version__} (or serve it with an rt2-serve of the robot's version)")
+    return (f"this rt2-serve speaks rt2_ros protocol v{PROTOCOL_VERSION}, the robot v{theirs}; upgrade rt2-serve "
+            f"(rt2_ros {__version__} here) to the robot's version")
+
+
+class OtherVersionHandler(grpc.GenericRpcHandler):
+    """Answers every method of another protocol version's service with FAILED_PRECONDITION.
+
+    An old robot would otherwise get UNIMPLEMENTED, indistinguishable from a wrong ``target``. No
+    old .proto is needed: the handler takes and returns raw bytes and never reads the request.
+    The trailing metadata ``rt2_ros-protocol-version`` lets a client word the refusal itself.
+    """
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        match = _PROTOCOL_METHOD.match(handler_call_details.method)
+        if match is None or int(match.group(1)) == PROTOCOL_VERSION:
+            return None
+        theirs, method = int(match.group(1)), match.group(2)
+        message = version_refusal(theirs)
+
+        def refuse(_request: Any, context: grpc.ServicerContext) -> None:
+            _log.warning("refused %s from %s: protocol v%d, this server v%d", handler_call_details.method,
+                         context.peer(), theirs, PROTOCOL_VERSION)
+            context.set_trailing_metadata(((VERSION_TRAILER, str(PROTOCOL_VERSION)),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+        if method == "InferStream":
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 class PolicyServer:
     """The gRPC server hosting one backend (use :func:`main` for the CLI)."""
 
@@ -334,7 +472,7 @@ class PolicyServer:
             protocol_version=PROTOCOL_VERSION, backend=backend_type, model=self.model,
             tokenizer_profile=str(getattr(tokenizer, "profile", "") or ""), image_width=size[0],
             image_height=size[1], image_formats=[pb.Image.JPEG, pb.Image.PNG, pb.Image.RAW],
-            server_version=__version__)
+            server_version=__version__, cameras=list(config.cameras))
         self._model_lock = threading.Lock()  # one inference at a time: models are not re-entrant
         self._stats = _Stats(config.summary_interval_s)
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
@@ -345,11 +483,13 @@ class PolicyServer:
             maximum_concurrent_rpcs=config.workers,
             options=[
                 ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a silent split
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", request_bytes_cap(config)),
+                ("grpc.max_send_message_length", config.max_reply_bytes),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients ping every 30 s
             ])
         pb_grpc.add_PolicyServicer_to_server(_Servicer(self), self._server)
+        self._server.add_generic_rpc_handlers((OtherVersionHandler(),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
@@ -393,7 +533,7 @@ class PolicyServer:
         inference_s = 0.0
         try:
             try:
-                observation = observation_from_proto(request, self.config.max_image_pixels)
+                observation = observation_from_proto(request, self.config.max_image_pixels, self.config.cameras)
             except ValueError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             if not self._model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -422,15 +562,22 @@ class PolicyServer:
                                      backend=self.backend_type, model=self.model)
             except ValueError as exc:
                 raise RequestError(grpc.StatusCode.INTERNAL, f"backend {self.backend_type}: {exc}") from None
+            if msg.ByteSize() > self.config.max_reply_bytes:  # checked here: gRPC's own refusal names no flag
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"backend {self.backend_type} answered {msg.ByteSize()} bytes, above the server's "
+                                   f"--max-reply-bytes {self.config.max_reply_bytes}")
         except RequestError as exc:
             _log.debug("seq=%d from %s: %s %s (%.1f ms)", request.seq, context.peer(), exc.code.name, exc.message,
                        1000 * (time.monotonic() - t_start))
             self._stats.record(False, 0.0)
             raise
-        _log.debug("seq=%d from %s: %s %dx%d %d B -> %s in %.1f ms (model %.1f ms)", request.seq, context.peer(),
-                   pb.Image.Format.Name(request.image.format), observation.image.shape[1],
-                   observation.image.shape[0], len(request.image.data), msg.WhichOneof("answer"),
-                   1000 * (time.monotonic() - t_start), 1000 * inference_s)
+        if _log.isEnabledFor(logging.DEBUG):
+            cams = ", ".join(f"{c.camera} {pb.Image.Format.Name(c.image.format)} {c.image.width}x{c.image.height} "
+                             f"{len(c.image.data)} B" for c in request.images)
+            state = ",".join(observation.state_stamps) or "no"
+            _log.debug("seq=%d from %s: [%s], %s state -> %s in %.1f ms (model %.1f ms)", request.seq,
+                       context.peer(), cams, state, msg.WhichOneof("answer"), 1000 * (time.monotonic() - t_start),
+                       1000 * inference_s)
         self._stats.record(True, inference_s)
         return msg
 
@@ -492,11 +639,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-insecure-token", action="store_true",
                    help="accept --token-file without TLS (only behind a TLS-terminating proxy)")
     p.add_argument("--image-size", metavar="WxH", help="image size the model expects, advertised to clients so "
-                   "they resize before sending (e.g. 224x224)")
+                   "they resize every camera image before sending (e.g. 224x224)")
+    p.add_argument("--cameras", metavar="NAME[,NAME...]",
+                   help="cameras the hosted model needs, its primary first (e.g. camera,wrist): advertised to "
+                        "clients, which send only these; an observation without one of them is refused. "
+                        "Default: any cameras, the robot's primary first")
     p.add_argument("--workers", type=int, default=8, help="worker threads = max concurrent calls (default 8)")
     p.add_argument("--infer-timeout-s", type=float, default=30.0,
                    help="upper bound for one inference when the client sets no deadline (s)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="reject larger images")
+    p.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                   help="refuse larger observation messages before reading them (default: raw rgb8 images of "
+                        "--max-image-pixels for each of --cameras, two without it, plus 1 MiB)")
+    p.add_argument("--max-reply-bytes", type=int, default=DEFAULT_MAX_REPLY_BYTES, metavar="BYTES",
+                   help="refuse to send a larger answer (RESOURCE_EXHAUSTED; default 1 MiB, an answer needs a few kB)")
     p.add_argument("--summary-interval-s", type=float, default=30.0, help="period of the info summary line (s)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="DEBUG logs one line per request")
@@ -540,17 +696,33 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if w <= 0 or h <= 0:
             raise ConfigError(f"--image-size: sides must be positive, got {args.image_size!r}")
         image_size = (w, h)
+    cameras: tuple[str, ...] = ()
+    if args.cameras is not None:
+        cameras = tuple(name.strip() for name in args.cameras.split(","))
+        if not all(is_camera_name(n) for n in cameras):
+            raise ConfigError(f"--cameras: expected camera names separated by commas, e.g. camera,wrist, got "
+                              f"{args.cameras!r}")
+        if len(set(cameras)) != len(cameras):
+            raise ConfigError(f"--cameras: a camera is listed twice in {args.cameras!r}")
+        if len(cameras) > MAX_CAMERAS:
+            raise ConfigError(f"--cameras: at most {MAX_CAMERAS} cameras")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: {args.port} is not a TCP port")
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
     if not args.infer_timeout_s > 0:
         raise ConfigError("--infer-timeout-s must be > 0")
+    if args.max_image_pixels < 1:
+        raise ConfigError("--max-image-pixels must be >= 1")
+    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-reply-bytes", args.max_reply_bytes)):
+        if value is not None and not 1024 <= value <= _GRPC_MAX_MESSAGE:
+            raise ConfigError(f"{flag}: {value} is not between 1024 and {_GRPC_MAX_MESSAGE} bytes")
     return ServeConfig(host=args.host, port=args.port, tls_cert=_read("--tls-cert", args.tls_cert),
                        tls_key=_read("--tls-key", args.tls_key, secret=True),
                        client_ca=_read("--client-ca", args.client_ca), token=token, workers=args.workers,
                        infer_timeout_s=args.infer_timeout_s, max_image_pixels=args.max_image_pixels,
-                       image_size=image_size, summary_interval_s=args.summary_interval_s)
+                       max_request_bytes=args.max_request_bytes, max_reply_bytes=args.max_reply_bytes,
+                       image_size=image_size, cameras=cameras, summary_interval_s=args.summary_interval_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -593,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     # machine-readable readiness line (tests and scripts wait for it); logs go to stderr
     print(f"rt2-serve: serving {backend_type} ({server.model or 'model n/a'}) on {config.host}:{server.port} "
           f"[{security}]", flush=True)
-    _log.info("serving %s on %s:%d [%s], %d workers", backend_type, config.host, server.port, security,
-              config.workers)
+    _log.info("serving %s on %s:%d [%s], %d workers, rt2_ros protocol v%d, cameras %s, messages up to %d bytes in "
+              "and %d out", backend_type, config.host, server.port, security, config.workers, PROTOCOL_VERSION,
+              ", ".join(config.cameras) or "any", request_bytes_cap(config), config.max_reply_bytes)
     try:
         while not stop.wait(0.5):
             pass

@@ -98,6 +98,14 @@ TOKENIZER_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("tokenizer.high", "double_array", [],
               "Upper bound of each dimension in model units (see tokenizer.low); empty = profile default",
               "model units"),
+    ParamSpec("tokenizer.continuous_low", "double_array", [],
+              "Lowest accepted value of each of the 7 motion values of a continuous action row (OpenVLA / openpi "
+              "servers), in the units the server returns; a row outside is rejected (out_of_range), never clipped "
+              "into a full step; empty = the profile's range (tokenizer.low, un-normalised with dataset "
+              "statistics)", "model units"),
+    ParamSpec("tokenizer.continuous_high", "double_array", [],
+              "Highest accepted value of each continuous motion value (see tokenizer.continuous_low)",
+              "model units"),
     ParamSpec("tokenizer.translation_scale_m", "double", 0.0,
               "Metres per model unit of dx, dy, dz; 0 = profile default (rt2/rt1: 0.02; openvla: 1.0 with "
               "dataset statistics, 0.02 without)", "m/unit", low=0.0, high=1.0),
@@ -138,6 +146,8 @@ _NON_FINITE_TOKENS = frozenset({"nan", "inf", "infinity"})
 # The last number with junk glued on ("8</s>", "8."), but not a number continued ("8.5", "8e2").
 _GLUED_JUNK = re.compile(r"-?[0-9]+(?![0-9]|\.[0-9]|[eE][-+]?[0-9]).+", re.DOTALL)
 _MARKER = re.compile(r"\b(plan|action)\s*:", re.IGNORECASE)
+_MAX_TOKEN_DIGITS = 9  # the largest n_bins is 65536: a longer number can only be out of range
+_MAX_RANGE = 1e6  # model units; wider tokenizer ranges are configuration mistakes
 
 
 # --- rotations ---------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ class ActionTokenizer:
         self._lowercase_instruction = spec.lowercase_instruction and not c["tokenizer.prompt_template"]
         self._bin_to_id, self._id_to_bin = self._id_map(c)
         self._motion = slice(1, None) if self.has_terminate else slice(None)
+        self.continuous_low, self.continuous_high = self._continuous_ranges(c)
 
     # --- construction ------------------------------------------------------------------------
 
@@ -255,7 +266,28 @@ class ActionTokenizer:
             if not low[i] < high[i]:
                 raise ConfigError(f"tokenizer.low/high: {self.dim_names[i]} needs low < high, "
                                   f"got [{low[i]}, {high[i]}]")
+            if max(abs(low[i]), abs(high[i])) > _MAX_RANGE:
+                # beyond this, bin arithmetic overflows (high - low = inf) and every decode would fail
+                raise ConfigError(f"tokenizer.low/high: {self.dim_names[i]} range [{low[i]:g}, {high[i]:g}] "
+                                  f"exceeds +-{_MAX_RANGE:g} model units")
         return low, high
+
+    def _continuous_ranges(self, c: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        m = self._motion
+        low, high = self.low[m].copy(), self.high[m].copy()
+        if self.statistics is not None:
+            low, high = self.statistics.unnormalise(low), self.statistics.unnormalise(high)
+        for which, default in (("low", low), ("high", high)):
+            given = c[f"tokenizer.continuous_{which}"]
+            if given and len(given) != len(MOTION_DIMS):
+                raise ConfigError(f"tokenizer.continuous_{which}: expected {len(MOTION_DIMS)} values "
+                                  f"({', '.join(MOTION_DIMS)}), got {len(given)}")
+            if given:
+                default[:] = given
+        for name, lo, hi in zip(MOTION_DIMS, low, high, strict=True):
+            if not lo < hi:
+                raise ConfigError(f"tokenizer.continuous_low/high: {name} needs low < high, got [{lo}, {hi}]")
+        return np.minimum(low, high), np.maximum(low, high)
 
     def _terminate_bins(self, spec: Profile, c: dict[str, Any]) -> tuple[int | None, int | None]:
         if not spec.has_terminate:
@@ -374,6 +406,10 @@ class ActionTokenizer:
             if len(tokens) != self.n_dims:
                 raise TokenError("wrong_count", f"expected {self.n_dims} tokens ({' '.join(self.dim_names)}), "
                                                 f"got {len(tokens)}")
+            long = next((i for i, t in enumerate(tokens) if len(t.lstrip("-")) > _MAX_TOKEN_DIGITS), None)
+            if long is not None:  # int() of > 4300 digits raises ValueError; no bin has 10 digits anyway
+                raise TokenError("out_of_range", f"token {long + 1} has {len(tokens[long].lstrip('-'))} digits; "
+                                                 f"bins are 0..{self.n_bins - 1}")
             return ParsedAnswer(self._check_bin_values([int(t) for t in tokens]), plan, text)
         if n_ints >= self.n_dims:
             junk = " ".join(tokens[self.n_dims:])
@@ -554,7 +590,13 @@ class ActionTokenizer:
             raise TokenError("wrong_count", f"expected {len(MOTION_DIMS)} continuous values ({' '.join(MOTION_DIMS)}),"
                                             f" got shape {arr.shape}")
         if not np.all(np.isfinite(arr)):
-            raise TokenError("non_finite", f"continuous action contains NaN or inf: {arr.tolist()}")
+            raise TokenError("non_finite", f"continuous action contains NaN or inf: {_clip(str(arr.tolist()), 120)}")
+        outside = [f"{name} {x:.6g} not in [{lo:.6g}, {hi:.6g}]" for name, x, lo, hi
+                   in zip(MOTION_DIMS, arr, self.continuous_low, self.continuous_high, strict=True)
+                   if not lo <= x <= hi]
+        if outside:
+            raise TokenError("out_of_range", "continuous action out of range (tokenizer.continuous_low/high): "
+                                             + "; ".join(outside))
         return self.action_from_values(arr, terminate, observation_seq)
 
     def decode_reply(self, reply: BackendReply) -> list[ArmAction]:

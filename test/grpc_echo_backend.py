@@ -1,7 +1,8 @@
 """A deterministic test backend for rt2-serve (``--backend-class grpc_echo_backend:EchoBackend``).
 
 It is not registered in ``rt2_ros.backends.BACKENDS``: it exists so the gRPC tests can check what
-the server received (image size and digest, end-effector state) without a model. The answer is
+the server received (every camera's name, size, digest and stamp; every proprioception piece and
+its stamp) without a model. The answer is
 an RT-2 chain-of-thought text whose plan describes the observation and whose 8 action bins are
 a function of the sequence id and the image, so every reply is checkable by the test.
 
@@ -36,13 +37,24 @@ def expected_bins(seq: int, image: np.ndarray) -> list[int]:
     return [0] + [(seq * 7 + base + 31 * i) % 256 for i in range(1, 8)]
 
 
+def _floats(values: object) -> str:
+    """Comma-separated exact reprs (no spaces), "none" for a piece that was not sent."""
+    if values is None:
+        return "none"
+    return ",".join(repr(float(v)) for v in np.atleast_1d(np.asarray(values, dtype=np.float64)))
+
+
 def plan_text(observation: Observation) -> str:
+    """Space-separated fields without spaces (the instruction last); test_grpc.plan_fields parses it."""
     img = observation.image
-    ee = "none" if observation.ee_position is None else ",".join(f"{v:.6f}" for v in observation.ee_position)
-    quat = "none" if observation.ee_orientation is None else ",".join(f"{v:.6f}" for v in observation.ee_orientation)
-    grip = "none" if observation.gripper is None else f"{observation.gripper:.6f}"
+    cameras = ",".join(f"{name}:{frame.shape[1]}x{frame.shape[0]}:{image_digest(frame)}:"
+                       f"{_floats(observation.image_stamps.get(name))}" for name, frame in observation.images.items())
+    stamps = ",".join(f"{piece}={stamp!r}" for piece, stamp in observation.state_stamps.items()) or "none"
     return (f"size {img.shape[1]}x{img.shape[0]} sha {image_digest(img)} mean {img.mean():.4f} "
-            f"ee {ee} quat {quat} gripper {grip} instruction {observation.instruction!r}")
+            f"stamp {observation.stamp!r} cameras {cameras} ee {_floats(observation.ee_position)} "
+            f"quat {_floats(observation.ee_orientation)} gripper {_floats(observation.gripper)} "
+            f"joints {_floats(observation.joint_positions)} fingers {_floats(observation.gripper_positions)} "
+            f"stamps {stamps} instruction {observation.instruction!r}")
 
 
 class EchoBackend(Backend):

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -54,6 +54,7 @@ SUBSCRIBES = {
     "policy": {"pose_pub": 1, "image_pub": 1, "joint_pub": 1, "instruction": 1},
 }
 PERIODIC = ("pose_pub", "image_pub", "joint_pub")
+CAMERA_PREFIX = "camera:"  # match_baselines key of a camera topic given by the test
 # A Panda at rest with its fingers half open (0.02 m each: gripper closedness 0.5).
 PANDA_JOINTS = {"panda_joint1": 0.0, "panda_joint2": -0.785, "panda_joint3": 0.0, "panda_joint4": -2.356,
                 "panda_joint5": 0.0, "panda_joint6": 1.571, "panda_joint7": 0.785,
@@ -133,30 +134,50 @@ class Probe:
         with self._cond:
             return [m for t, m in self.messages[key] if t >= t0]
 
-    def publish_fake_sensors(self, period_s: float = 0.05, joints: dict[str, float] | None = None
-                             ) -> Callable[[], None]:
+    def publish_fake_sensors(self, period_s: float = 0.05, joints: dict[str, float] | None = None,
+                             cameras: dict | None = None) -> Callable[[], None]:
         """Play camera and arm driver: a black 64x64 image on /camera/image and a fixed pose on
         /ee_pose every ``period_s`` (and with ``joints``, {name: position}, e.g. :data:`PANDA_JOINTS`,
         a JointState on /joint_states); returns a function that stops publishing (the timer and the
         publishers are destroyed), for tests that hand these topics to another node afterwards.
         ``self.pose_pub``, ``self.image_pub`` (and ``self.joint_pub``) (:class:`MatchedPublisher`) tell
-        when a (re)started node subscribed and got a sample."""
+        when a (re)started node subscribed and got a sample.
+
+        ``cameras``, {topic: uint8 HxWx3 RGB frame}, replaces the black frame: every camera's frame on
+        its topic, all with the same stamp (a topic ending in ``/compressed`` gets the frame as a JPEG
+        sensor_msgs/CompressedImage). ``self.camera_pubs`` maps each topic to its publisher (that of
+        /camera/image, if listed, is also ``self.image_pub``); pass the topics a node subscribes to
+        :meth:`match_baselines` to wait for them."""
         import numpy as np
         from geometry_msgs.msg import PoseStamped
-        from sensor_msgs.msg import Image, JointState
+        from sensor_msgs.msg import CompressedImage, Image, JointState
 
+        from rt2_ros.imaging import encode_jpeg
         from rt2_ros.nodes.common import rgb_to_image_msg
 
-        image_pub = self.image_pub = MatchedPublisher(self, Image, "/camera/image", 10)
+        if cameras is None:
+            cameras = {"/camera/image": np.zeros((64, 64, 3), dtype=np.uint8)}
+        camera_pubs = self.camera_pubs = {
+            topic: MatchedPublisher(self, CompressedImage if topic.endswith("/compressed") else Image, topic, 10)
+            for topic in cameras}
+        if "/camera/image" in camera_pubs:
+            self.image_pub = camera_pubs["/camera/image"]
+        jpegs = {topic: encode_jpeg(frame) for topic, frame in cameras.items() if topic.endswith("/compressed")}
         pose_pub = self.pose_pub = MatchedPublisher(self, PoseStamped, "/ee_pose", 10)
         joint_pub = None
         if joints is not None:
             joint_pub = self.joint_pub = MatchedPublisher(self, JointState, "/joint_states", 10)
-        frame = np.zeros((64, 64, 3), dtype=np.uint8)
 
         def publish() -> None:
             now = self.node.get_clock().now().to_msg()
-            image_pub.publish(rgb_to_image_msg(frame, now, "camera"))
+            for topic, frame in cameras.items():
+                frame_id = topic.strip("/").split("/")[0]
+                if topic in jpegs:
+                    msg = CompressedImage(format="jpeg", data=jpegs[topic])
+                    msg.header.stamp, msg.header.frame_id = now, frame_id
+                else:
+                    msg = rgb_to_image_msg(frame, now, frame_id)
+                camera_pubs[topic].publish(msg)
             pose = PoseStamped()
             pose.header.stamp, pose.header.frame_id = now, "panda_link0"
             pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.45, 0.0, 0.3
@@ -171,7 +192,8 @@ class Probe:
 
         def stop_publishing() -> None:
             self.node.destroy_timer(timer)
-            self.node.destroy_publisher(image_pub.pub)
+            for pub in camera_pubs.values():
+                self.node.destroy_publisher(pub.pub)
             self.node.destroy_publisher(pose_pub.pub)
             if joint_pub is not None:
                 self.node.destroy_publisher(joint_pub.pub)
@@ -184,9 +206,16 @@ class Probe:
             msgs = self.messages[key]
             return msgs[-1][1] if msgs else None
 
-    def match_baselines(self, role: str) -> dict[str, int]:
-        """The match totals of the probe's publishers that ``role`` subscribes to (take before starting it)."""
-        return {name: getattr(self, name).total for name in SUBSCRIBES[role] if hasattr(self, name)}
+    def match_baselines(self, role: str, camera_topics: Iterable[str] | None = None) -> dict[str, int]:
+        """The match totals of the probe's publishers that ``role`` subscribes to (take before starting it).
+
+        ``camera_topics``: the camera topics (keys of ``self.camera_pubs``) the policy node of this start
+        subscribes to, instead of /camera/image alone (configs with several cameras)."""
+        names = [n for n in SUBSCRIBES[role] if camera_topics is None or n != "image_pub"]
+        totals = {name: getattr(self, name).total for name in names if hasattr(self, name)}
+        if camera_topics is not None and role in ("both", "policy"):
+            totals.update({CAMERA_PREFIX + topic: self.camera_pubs[topic].total for topic in camera_topics})
+        return totals
 
     def wait_started(self, proc: subprocess.Popen, role: str, baselines: dict[str, int], t0: float,
                      log: Path | None = None, timeout: float = 20.0) -> None:
@@ -199,6 +228,9 @@ class Probe:
                               f"the {role} process's safety status")
                 assert proc.poll() is None, f"the {role} process exited with {proc.returncode}"
             for name, baseline in baselines.items():
+                if name.startswith(CAMERA_PREFIX):  # a camera topic of match_baselines(camera_topics=...)
+                    self.camera_pubs[name[len(CAMERA_PREFIX):]].wait_delivered(baseline, timeout, proc, 1)
+                    continue
                 pub, n = getattr(self, name), SUBSCRIBES[role][name]
                 if name in PERIODIC:
                     pub.wait_delivered(baseline, timeout, proc, n)

@@ -9,6 +9,7 @@ regex). The servers log what they received, so tests check the request as well a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,13 +26,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from openpi_client import image_tools
 from transforms3d import euler, quaternions
 
 from rt2_ros import imaging
 from rt2_ros.actions import BackendReply, Observation
 from rt2_ros.backends import BACKENDS, BackendConfigError, BackendError, BackendTimeout, backend_class, create_backend
 from rt2_ros.backends.openai_compat import OpenAICompatBackend, unanchored
-from rt2_ros.backends.openpi import STATE_FORMATS, OpenPIBackend, _error_summary, state_vector
+from rt2_ros.backends.openpi import STATE_FORMATS, STATE_LAYOUTS, OpenPIBackend, _error_summary, state_vector
 from rt2_ros.backends.openvla_http import OpenVLAHttpBackend
 from rt2_ros.tokens import ActionTokenizer
 
@@ -109,12 +111,19 @@ def closed_port() -> int:
 
 
 def observation(value: int = 100, shape: tuple[int, int] = (480, 640), instruction: str = "pick up the apple",
-                seq: int = 1, with_state: bool = True) -> Observation:
-    extra = {}
+                seq: int = 1, with_state: bool = True, wrist: int | None = None) -> Observation:
+    """A flat-colour frame (``value``) from camera "camera"; with ``wrist``, a second 96x128 camera
+    "wrist" of that colour; with ``with_state``, every proprioception piece (a Panda's 7 joints)."""
+    extra: dict = {}
     if with_state:
         extra = {"ee_position": np.array([0.4, -0.1, 0.3]),
-                 "ee_orientation": quaternions.axangle2quat([0.0, 0.0, 1.0], 0.5), "gripper": 0.25}
-    return Observation(np.full((*shape, 3), value, np.uint8), instruction, seq, 0.0, **extra)
+                 "ee_orientation": quaternions.axangle2quat([0.0, 0.0, 1.0], 0.5), "gripper": 0.25,
+                 "gripper_positions": np.array([0.03, 0.03]),
+                 "joint_positions": np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])}
+    image = np.full((*shape, 3), value, np.uint8)
+    if wrist is not None:
+        extra["images"] = {"camera": image, "wrist": np.full((96, 128, 3), wrist, np.uint8)}
+    return Observation(image, instruction, seq, 0.0, **extra)
 
 
 def assert_secret_absent(exc: BaseException | None, caplog: pytest.LogCaptureFixture) -> None:
@@ -192,7 +201,12 @@ def test_registered_and_options_prefixed(cls: type, tokenizer: ActionTokenizer) 
     (OpenVLAHttpBackend, {"ca_cert_file": "/nonexistent/ca.pem"}, "backend.openvla_http.ca_cert_file"),
     (OpenPIBackend, {"url": "http://host:8000"}, "backend.openpi.url"),
     (OpenPIBackend, {"state_format": "pos_rpy"}, "backend.openpi.state_format"),
-    (OpenPIBackend, {"image_key": ""}, "backend.openpi.image_key"),
+    (OpenPIBackend, {"image_keys": []}, "backend.openpi.image_keys"),
+    (OpenPIBackend, {"image_key": "observation/image"}, "backend.openpi.image_key"),  # the old single key is gone
+    (OpenVLAHttpBackend, {"camera": 3}, "backend.openvla_http.camera"),
+    (OpenAICompatBackend, {"model": "m", "cameras": ["camera", "camera"]}, "backend.openai.cameras"),
+    (OpenAICompatBackend, {"model": "m", "cameras": ["camera", ""]}, "backend.openai.cameras"),
+    (OpenAICompatBackend, {"model": "m", "image_label": "{name}:"}, "backend.openai.image_label"),
     (OpenPIBackend, {"reconnect_backoff_s": 2.0, "reconnect_backoff_max_s": 1.0},
      "backend.openpi.reconnect_backoff_max_s"),
     (OpenPIBackend, {"ca_cert_file": "/nonexistent/ca.pem"}, "backend.openpi.ca_cert_file"),
@@ -249,7 +263,7 @@ def test_openvla_happy_path(openvla_server: ServerProcess, tokenizer: ActionToke
     np.testing.assert_allclose(reply.actions[0], expected, atol=1e-9)
     assert len(openvla_tokenizer.decode_reply(reply)) == 1  # the policy node can use it as is
     assert openvla_server.last() == {"keys": ["image", "instruction", "unnorm_key"], "shape": [sent_h, sent_w, 3],
-                                     "dtype": "uint8", "instruction": obs.instruction,
+                                     "dtype": "uint8", "centre": [77, 77, 77], "instruction": obs.instruction,
                                      "unnorm_key": "fractal20220817_data"}
 
 
@@ -296,13 +310,38 @@ def test_openvla_bearer_token_is_not_logged(openvla_server: ServerProcess, token
     assert_secret_absent(None, caplog)
 
 
+@pytest.mark.parametrize(("camera", "value"), [("", 77), ("camera", 77), ("wrist", 30)])
+def test_openvla_sends_the_configured_camera(openvla_server: ServerProcess, tokenizer: ActionTokenizer,
+                                             camera: str, value: int) -> None:
+    backend = OpenVLAHttpBackend({"url": f"http://127.0.0.1:{openvla_server.port}", "camera": camera,
+                                  "image_size": 0}, tokenizer)
+    try:
+        reply = backend.infer(observation(value=77, wrist=30), timeout_s=5.0)
+    finally:
+        backend.close()
+    assert reply.actions[0, 0] == pytest.approx(value / 255)  # the server answers the mean of "image"
+    got = openvla_server.last()
+    assert got["shape"] == ([96, 128, 3] if camera == "wrist" else [480, 640, 3]) and got["centre"] == [value] * 3
+
+
+def test_openvla_missing_camera_is_refused_before_sending(openvla_server: ServerProcess,
+                                                          tokenizer: ActionTokenizer) -> None:
+    backend = OpenVLAHttpBackend({"url": f"http://127.0.0.1:{openvla_server.port}", "camera": "wrist"}, tokenizer)
+    before = len(openvla_server.received())
+    with pytest.raises(BackendError, match=r"camera 'wrist' \(backend\.openvla_http\.camera\) is not in this "
+                                           r"observation \(it has: camera\)"):
+        backend.infer(observation(), timeout_s=5.0)
+    assert len(openvla_server.received()) == before
+    backend.close()
+
+
 # -- openpi ----------------------------------------------------------------------------------------
 
 def openpi(server: ServerProcess, tokenizer: ActionTokenizer, **options: object) -> OpenPIBackend:
     return OpenPIBackend({"url": f"ws://127.0.0.1:{server.port}", "reconnect_backoff_s": 0.05, **options}, tokenizer)
 
 
-@pytest.mark.parametrize("state_format", STATE_FORMATS)
+@pytest.mark.parametrize("state_format", [f for f in STATE_FORMATS if f != "custom"])
 def test_openpi_happy_path(openpi_server: ServerProcess, tokenizer: ActionTokenizer,
                            openvla_tokenizer: ActionTokenizer, state_format: str) -> None:
     backend = openpi(openpi_server, tokenizer, state_format=state_format)
@@ -318,19 +357,42 @@ def test_openpi_happy_path(openpi_server: ServerProcess, tokenizer: ActionTokeni
             mean = value * (480 * 224 / 640) / 224 / 255
             expected = np.arange(10)[:, None] + np.full((10, 7), np.float32(mean))
             np.testing.assert_allclose(reply.actions, expected, rtol=1e-6)
-            assert len(openvla_tokenizer.decode_reply(reply)) == 10  # 7-D rows decode like OpenVLA's
+            # 7-D rows decode like OpenVLA's (row 0 only: the test server's later rows, i + mean, leave [-1, 1])
+            assert len(openvla_tokenizer.decode_reply(dataclasses.replace(reply, actions=reply.actions[:1]))) == 1
             assert np.isfinite(reply.server_time_s) and reply.server_time_s >= 0
             got = openpi_server.last()
-            assert got["keys"] == ["observation/image", "observation/state", "prompt"]
             assert (got["prompt"], got["shape"], got["dtype"]) == ("stack the blocks", [224, 224, 3], "uint8")
-            assert got["state_dtype"] == "float32"
-            np.testing.assert_allclose(got["state"], state_vector(obs, state_format), rtol=1e-6)
+            if state_format == "droid":  # two arrays instead of observation/state (test/test_observation_mapping.py)
+                assert got["keys"] == ["observation/gripper_position", "observation/image",
+                                       "observation/joint_position", "prompt"]
+                assert got["state"] is None
+            else:
+                assert got["keys"] == ["observation/image", "observation/state", "prompt"]
+                assert got["state_dtype"] == "float32"
+                np.testing.assert_allclose(got["state"], state_vector(obs, state_format), rtol=1e-6)
     finally:
         backend.close()
 
 
+def test_openpi_two_cameras_libero(openpi_server: ServerProcess, tokenizer: ActionTokenizer) -> None:
+    """The shipped LIBERO mapping over the wire: both images and the 8-D state reach the server."""
+    backend = openpi(openpi_server, tokenizer, image_keys=["observation/image", "observation/wrist_image"],
+                     image_cameras=["camera", "wrist"], state_format="libero", gripper_positions_scale=[1.0, -1.0])
+    try:
+        reply = backend.infer(observation(value=90, shape=SQUARE, wrist=10, instruction="libero"), timeout_s=5.0)
+    finally:
+        backend.close()
+    np.testing.assert_allclose(reply.actions[0], np.float32(90 / 255), rtol=1e-6)  # observation/image = camera
+    got = openpi_server.last()
+    assert got["keys"] == ["observation/image", "observation/state", "observation/wrist_image", "prompt"]
+    assert got["images"] == {"observation/image": {"shape": [224, 224, 3], "dtype": "uint8", "centre": [90] * 3},
+                             "observation/wrist_image": {"shape": [224, 224, 3], "dtype": "uint8", "centre": [10] * 3}}
+    assert got["state_dtype"] == "float32"
+    np.testing.assert_allclose(got["state"], [0.4, -0.1, 0.3, 0.0, 0.0, 0.5, 0.03, -0.03], atol=1e-7)
+
+
 def test_openpi_custom_keys_without_state(openpi_server: ServerProcess, tokenizer: ActionTokenizer) -> None:
-    backend = openpi(openpi_server, tokenizer, state_key="", image_size=0, image_key="observation/image",
+    backend = openpi(openpi_server, tokenizer, state_key="", image_size=0, image_keys=["observation/image"],
                      prompt_key="prompt")
     try:
         backend.infer(observation(shape=(60, 80), with_state=False), timeout_s=5.0)
@@ -338,6 +400,18 @@ def test_openpi_custom_keys_without_state(openpi_server: ServerProcess, tokenize
         backend.close()
     got = openpi_server.last()
     assert got["keys"] == ["observation/image", "prompt"] and got["shape"] == [60, 80, 3] and got["state"] is None
+
+
+def test_openpi_missing_camera_is_refused_before_sending(openpi_server: ServerProcess,
+                                                          tokenizer: ActionTokenizer) -> None:
+    backend = openpi(openpi_server, tokenizer, image_keys=["observation/image", "observation/wrist_image"],
+                     image_cameras=["camera", "wrist"])
+    before = len(openpi_server.received())
+    with pytest.raises(BackendError, match=r"camera 'wrist' for 'observation/wrist_image' "
+                                           r"\(backend\.openpi\.image_cameras\) is not in this observation"):
+        backend.infer(observation(), timeout_s=5.0)
+    assert len(openpi_server.received()) == before
+    backend.close()
 
 
 def test_openpi_missing_state_is_refused_before_sending(openpi_server: ServerProcess,
@@ -491,6 +565,58 @@ def test_openai_happy_path(openai_server: tuple[ServerProcess, str], tokenizer: 
     assert_secret_absent(None, caplog)
 
 
+@pytest.mark.parametrize(("cameras", "label", "expected"), [
+    ([], "{camera}:", [(None, 140)]),  # default: the primary only, no label
+    (["wrist", "camera"], "{camera}:", [("wrist:", 60), ("camera:", 140)]),
+    (["camera", "wrist"], "Image {index}", [("Image 1", 140), ("Image 2", 60)]),
+    (["camera", "wrist"], "", [(None, 140), (None, 60)]),
+])
+def test_openai_sends_the_configured_cameras_in_order(openai_server: tuple[ServerProcess, str],
+                                                     tokenizer: ActionTokenizer, key_file: Path, cameras: list[str],
+                                                     label: str, expected: list[tuple[str | None, int]]) -> None:
+    server, field = openai_server
+    backend = openai_backend(server, tokenizer, field, key_file, cameras=cameras, image_label=label,
+                             image_format="png")
+    try:
+        reply = backend.infer(observation(value=140, shape=(120, 160), wrist=60, instruction="open the drawer"),
+                              timeout_s=5.0)
+    finally:
+        backend.close()
+    assert tokenizer.parse_text(reply.text).bins[1] == expected[0][1]  # the answer encodes the first image's mean
+    got = server.last()
+    assert got["prompt"] == tokenizer.prompt("open the drawer") and got["n_images"] == len(expected)
+    assert [(i["label"], i["centre"]) for i in got["images"]] == [(lab, [v] * 3) for lab, v in expected]
+    assert [i["shape"] for i in got["images"]] == [[120, 160, 3] if v == 140 else [96, 128, 3] for _, v in expected]
+    assert got["texts"] == [lab for lab, _ in expected if lab] + [got["prompt"]]
+
+
+def test_openai_one_image_server_refuses_two(tmp_path: Path, tokenizer: ActionTokenizer, key_file: Path) -> None:
+    """Why the default is the primary only: vLLM serving with --limit-mm-per-prompt image=1 refuses more."""
+    server = start_server("openai_chat_server.py", tmp_path, "--max-images", "1", env={"OPENAI_TEST_API_KEY": SECRET})
+    try:
+        one = openai_backend(server, tokenizer, "structured_outputs", key_file)
+        two = openai_backend(server, tokenizer, "structured_outputs", key_file, cameras=["camera", "wrist"])
+        obs = observation(wrist=60)
+        tokenizer.parse_text(one.infer(obs, timeout_s=5.0).text)
+        with pytest.raises(BackendError, match=r"HTTP 400 .*2 images"):
+            two.infer(obs, timeout_s=5.0)
+        one.close()
+        two.close()
+    finally:
+        server.stop()
+
+
+def test_openai_missing_camera_is_refused_before_sending(openai_server: tuple[ServerProcess, str],
+                                                         tokenizer: ActionTokenizer, key_file: Path) -> None:
+    server, field = openai_server
+    backend = openai_backend(server, tokenizer, field, key_file, cameras=["camera", "wrist"])
+    before = len(server.received())
+    with pytest.raises(BackendError, match=r"camera 'wrist' \(backend\.openai\.cameras\) is not in this observation"):
+        backend.infer(observation(), timeout_s=5.0)
+    assert len(server.received()) == before
+    backend.close()
+
+
 def test_openai_unconstrained_request_is_refused_by_a_guided_server(
         openai_server: tuple[ServerProcess, str], tokenizer: ActionTokenizer, key_file: Path) -> None:
     server, field = openai_server
@@ -556,14 +682,21 @@ def test_openai_unreachable_is_a_quick_error(tokenizer: ActionTokenizer) -> None
 @given(h=st.integers(1, 64), w=st.integers(1, 64), th=st.integers(1, 48), tw=st.integers(1, 48), pad=st.booleans(),
        value=st.integers(1, 255))
 def test_resize_shape_and_content(h: int, w: int, th: int, tw: int, pad: bool, value: int) -> None:
-    out = imaging.resize(np.full((h, w, 3), value, np.uint8), th, tw, pad=pad)
+    image = np.full((h, w, 3), value, np.uint8)
+    ratio = max(w / tw, h / th)
+    if pad and (int(h / ratio) < 1 or int(w / ratio) < 1):  # a side would vanish: refused, not a 0-px image
+        with pytest.raises(imaging.ImageEncodeError, match="too elongated"):
+            imaging.resize(image, th, tw, pad=pad)
+        return
+    out = imaging.resize(image, th, tw, pad=pad)
     assert out.shape == (th, tw, 3) and out.dtype == np.uint8
     painted = np.argwhere(out[..., 0] > 0)
     if pad:  # a solid rectangle keeping the source aspect ratio (up to rounding) inside black bars
+        np.testing.assert_array_equal(out, image_tools.resize_with_pad(image, th, tw))  # openpi's pixels exactly
         rows = painted[:, 0].max() - painted[:, 0].min() + 1
         cols = painted[:, 1].max() - painted[:, 1].min() + 1
         assert len(painted) == rows * cols
-        assert rows == th or cols == tw
+        assert rows >= th - 1 or cols >= tw - 1  # resize_with_pad truncates, so a side may come out 1 px short
         assert abs(rows * w - cols * h) <= w + h
     else:
         assert len(painted) == th * tw
@@ -602,7 +735,7 @@ unit_quaternions = st.lists(st.floats(-1, 1), min_size=4, max_size=4).map(np.arr
 def test_state_vector_encodes_the_pose(q: np.ndarray, pos: list[float], grip: float) -> None:
     obs = Observation(np.zeros((2, 2, 3), np.uint8), "x", 0, 0.0, ee_position=np.array(pos), ee_orientation=q,
                       gripper=grip)
-    for fmt in STATE_FORMATS:
+    for fmt in (f for f in STATE_LAYOUTS if f.startswith("pos_")):
         state = state_vector(obs, fmt)
         assert state.dtype == np.float32 and state.shape == ((8,) if fmt == "pos_quat_gripper" else (7,))
         np.testing.assert_allclose(state[:3], pos, atol=1e-6)

@@ -202,7 +202,7 @@ def test_the_check_knows_every_parameter_the_nodes_declare(tmp_path):
                 declared = set(node._parameters) - {"use_sim_time", "start_type_description_service"}
                 given = {"backend.type": "scripted"} if name == "rt2_policy" else {}
                 params = check_node_params(name, given)
-                specs = {s.name for s in node_specs(name, params.get("backend.type"))}
+                specs = {s.name for s in node_specs(name, params.get("backend.type"), params.get("cameras.names", ()))}
                 qos = {s.name for s in _qos_specs(name, params, ())}
                 assert declared == specs | qos, (name, declared ^ (specs | qos))
             finally:
@@ -320,3 +320,22 @@ def test_qos_overrides_stay_with_their_node(tmp_path):
         assert common.ACTION_QOS.depth == before, "the policy's override leaked into the shared ACTION_QOS"
     finally:
         common.ACTION_QOS.depth = before
+
+
+@pytest.mark.parametrize(("overlay", "message"), [
+    ("rt2_safety: {ros__parameters: {safety: {max_action_age_s: 0.5}}}",
+     "policy.max_action_age_s (1.0 s) exceeds rt2_safety safety.max_action_age_s (0.5 s)"),
+    ("rt2_policy: {ros__parameters: {policy: {execute_rate_hz: 20.0}}}",
+     "safety.min_action_interval_s (0.05 s) is not below 0.037 s"),
+    ("rt2_policy: {ros__parameters: {backend: {timeout_s: 3.0}}}",
+     "policy.max_reply_age_s (1.0 s) is below backend.timeout_s (3.0 s)"),
+])
+def test_bounds_the_two_nodes_share_are_cross_checked(tmp_path, overlay, message):
+    from rt2_ros.nodes.bringup import check_params
+    from rt2_ros.params import ConfigError
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(overlay + "\n")
+    with pytest.raises(ConfigError) as err:
+        check_params([REPO / "config" / "rt2.yaml", extra])
+    assert message in str(err.value)

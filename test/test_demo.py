@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rt2_ros.demo import BAND_HEIGHT_PX
+from rt2_ros.demo import BAND_HEIGHT_PX, PANEL_GAP_PX
 
 pytest.importorskip("rclpy")
 pytest.importorskip("pybullet")
@@ -74,14 +74,45 @@ def test_demo_puts_the_red_cube_in_the_tray(tmp_path):
     assert "rt2-record: stored the parameters of rt2_policy, rt2_safety" in text, text
     report = replay(recording)
     assert report.ok, format_report(report, only_changes=True)
-    assert "run parameters: rt2_policy (tokenizer.*) and rt2_safety (safety.*, ee_pose_timeout_s) as recorded" \
+    assert "run parameters: rt2_policy (tokenizer.*) and rt2_safety (safety.*) as recorded" \
         in format_report(report)
     for name in ("camera.gif", "frame.png", "path.png", "policy.log", "safety.log", "sim.log"):
         assert (run_dir / name).stat().st_size > 0, name
     gif = Image.open(run_dir / "camera.gif")
     assert gif.n_frames >= 10
-    assert gif.height - BAND_HEIGHT_PX == gif.width  # the square camera image over the status band
+    # The camera image (224 px, 2x) on the left, the wrist camera (128 px, 2x) with the status under it
+    assert (gif.width, gif.height) == (448 + PANEL_GAP_PX + 256, 448)
     assert (run_dir / "camera.gif").stat().st_size < 2_000_000
+
+    # The recording holds both cameras (rt2-record's default topics; the demo keeps 2 frames/s of each).
+    from rt2_ros.recording import iter_messages
+
+    frames: dict[str, list] = {"/camera/image": [], "/wrist_camera/image": []}
+    for m in iter_messages(recording, topics=frames):
+        frames[m.topic].append(m.message)
+    assert len(frames["/camera/image"]) >= 5 and len(frames["/wrist_camera/image"]) >= 5, \
+        {t: len(v) for t, v in frames.items()}
+    (cam, wrist) = frames["/camera/image"][-1], frames["/wrist_camera/image"][-1]
+    assert (cam.width, cam.height, cam.header.frame_id) == (224, 224, "camera_optical_frame")
+    assert (wrist.width, wrist.height, wrist.encoding, wrist.header.frame_id) == (
+        128, 128, "rgb8", "wrist_camera_optical_frame")
+    assert wrist.header.stamp.sec > 0
+
+
+def test_annotated_frame_without_a_wrist_camera_keeps_the_status_band():
+    # sim_node.wrist_camera false: the camera image over the status band, as before the wrist camera.
+    import numpy as np
+
+    from rt2_ros.demo import _annotate
+
+    status = {"t": "1.0 s", "step": "10", "phase": "reach " * 40, "latency": "1 ms", "safety": "RUNNING"}
+    camera = np.zeros((224, 224, 3), np.uint8)
+    assert _annotate(camera, status).shape == (448 + BAND_HEIGHT_PX, 448, 3)
+    both = _annotate(camera, status, np.zeros((128, 128, 3), np.uint8))
+    assert both.shape == (448, 448 + PANEL_GAP_PX + 256, 3)
+    assert (both[300:, 460:] < 128).any()  # the status text under the wrist image
+    big = _annotate(camera, status, np.zeros((480, 640, 3), np.uint8))  # a large wrist image is scaled down
+    assert big.shape == (448, 448 + PANEL_GAP_PX + 256, 3) and (big[300:, 460:] < 128).any()
 
 
 def test_summary_reports_the_seed_the_simulator_runs_with():

@@ -29,6 +29,25 @@ def test_readme_safety_table_is_current():
         "README's safety parameter table is stale: paste markdown_table(SAFETY_PARAMS)"
 
 
+# The option tables of the backend docs, each the markdown_table of the backend's OPTIONS.
+BACKEND_DOC_TABLES = (("docs/compat_backends.md", "rt2_ros.backends.openvla_http", "OpenVLAHttpBackend"),
+                      ("docs/compat_backends.md", "rt2_ros.backends.openpi", "OpenPIBackend"),
+                      ("docs/compat_backends.md", "rt2_ros.backends.openai_compat", "OpenAICompatBackend"),
+                      ("docs/local_backend.md", "rt2_ros.backends.local_hf", "LocalHFBackend"),
+                      ("docs/grpc.md", "rt2_ros.backends.grpc_client", "GrpcBackend"))
+
+
+@pytest.mark.parametrize(("doc", "module", "cls"), BACKEND_DOC_TABLES)
+def test_backend_option_tables_are_current(doc, module, cls):
+    import importlib
+
+    from rt2_ros.params import markdown_table
+
+    options = getattr(importlib.import_module(module), cls).OPTIONS
+    assert markdown_table(options) in (REPO / doc).read_text(), \
+        f"{doc}: the {cls} options table is stale: paste markdown_table({cls}.OPTIONS)"
+
+
 # -- code blocks that run as written ---------------------------------------------------------------
 # A fenced block preceded by the line `<!-- runnable -->` is run by test_runnable_blocks_run_as_written
 # from the repository root: in a ```console block each `$ command` must print what the block shows

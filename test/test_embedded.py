@@ -61,18 +61,19 @@ def run_episode(sim: TabletopSim, backend: EmbeddedBackend, tokenizer: ActionTok
     """Closed loop at 5 Hz policy / 30 Hz servo; returns the reply texts (last one terminates or max_steps)."""
     safety = SafetyFilter(SafetyConfig.from_params({}))
     pos, quat = sim.ee_pose()
-    assert safety.start_episode(pos, quat, sim.gripper_closedness(), sim.time_s)
+    assert safety.start_episode(pos, quat, sim.gripper_closedness(), sim.time_s, pose_time=sim.time_s)
     texts = []
     for seq in range(max_steps):
+        frame_time = sim.time_s  # the frame is rendered now; the action answers it
         reply = backend.infer(_observe(sim, instruction, seq), timeout_s=1.0)
         texts.append(reply.text)
         (action,) = tokenizer.decode_reply(reply)
-        safety.on_action(action, sim.time_s)
+        safety.on_action(action, sim.time_s, observation_time=frame_time)
         if action.terminate:
             break
         for _ in range(round(POLICY_DT / SERVO_DT)):
             pos, quat = sim.ee_pose()
-            cmd = safety.tick(sim.time_s, pos, quat)
+            cmd = safety.tick(sim.time_s, pos, quat, pose_time=sim.time_s)
             sim.apply_twist(cmd.linear_velocity, cmd.angular_velocity, 0.0, SERVO_DT)
             sim.set_gripper(cmd.gripper)
             sim.step(SERVO_DT)

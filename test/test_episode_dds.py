@@ -44,7 +44,8 @@ MOVE_X = "0 160 128 128 128 128 128 0"  # +x 5 mm per step, gripper open (rt2 pr
 RATE_HZ = 30.0
 WATCHDOG_S = 0.6
 SAFETY = {"safety.watchdog_timeout_s": WATCHDOG_S, "safety.command_rate_hz": RATE_HZ}
-POLICY = {"backend.type": "scripted", "backend.timeout_s": 3.0, "backend.scripted.answers": [MOVE_X],
+POLICY = {"backend.type": "scripted", "backend.timeout_s": 3.0, "policy.max_reply_age_s": 3.5,
+          "policy.max_action_age_s": 4.0, "backend.scripted.answers": [MOVE_X],
           "backend.scripted.delays_s": [0.0], "backend.scripted.repeat": True, "policy.execute_rate_hz": 10.0}
 # One command period plus DDS and scheduling on a loaded 2-core machine.
 STOP_MARGIN_S = 1.0 / RATE_HZ + 0.067
@@ -246,7 +247,9 @@ def test_policy_restart_mid_episode_holds_then_a_fresh_instruction_moves(probe, 
     s.kill("policy")
     st = wait_status(probe, lambda st: st.state_name == "HOLDING" and uid(st.episode_id) == old,
                      WATCHDOG_S + 2.0, "the watchdog hold of the orphaned episode")
-    assert st.watchdog_trips >= 1
+    # the watchdog, or (on a loaded machine, a last action whose frame was already old) the
+    # stale-target rule: either is the safety node holding the orphaned episode on its own
+    assert st.watchdog_trips >= 1 or "hold:stale_action" in list(st.drop_causes), st
     assert_held(probe, t_kill + WATCHDOG_S + STOP_MARGIN_S)
     assert s.alive("safety")
 

@@ -44,6 +44,18 @@ def test_arm_positions_come_in_the_configured_order_whatever_the_message_order()
     assert map_joint_state(names, positions, subset).joint_positions.tolist() == pytest.approx([-2.0, 0.1])
 
 
+def test_gripper_positions_come_raw_in_the_configured_order():
+    names, positions = panda_msg(fingers=(0.01, 0.03))
+    order = np.random.default_rng(1).permutation(len(names))
+    shuffled = [names[i] for i in order], [positions[i] for i in order]
+    reading = map_joint_state(*shuffled, PANDA)
+    assert reading.gripper_positions.tolist() == pytest.approx([0.01, 0.03])  # metres, not closedness
+    assert reading.gripper_positions.dtype == np.float64
+    assert reading.gripper == pytest.approx(0.5)
+    reversed_fingers = JointConfig(arm_names=ARM, gripper_names=FINGERS[::-1])
+    assert map_joint_state(*shuffled, reversed_fingers).gripper_positions.tolist() == pytest.approx([0.03, 0.01])
+
+
 @pytest.mark.parametrize(("config", "names", "arm_none", "gripper_none"), [
     (JointConfig(), list(ARM), True, True),  # default: no arm joints configured; message without fingers
     (PANDA, list(ARM), False, True),  # an arm-only message (one publisher per controller)
@@ -55,6 +67,7 @@ def test_groups_absent_from_a_message_stay_unknown(config, names, arm_none, grip
     reading = map_joint_state(names, [0.01] * len(names), config)
     assert (reading.joint_positions is None) == arm_none
     assert (reading.gripper is None) == gripper_none
+    assert (reading.gripper_positions is None) == gripper_none  # positions and closedness come together
 
 
 @pytest.mark.parametrize(("names", "positions", "match"), [
@@ -122,6 +135,7 @@ def test_mapping_does_not_depend_on_message_order(values, seed):
     b = map_joint_state([names[i] for i in order], [values[i] for i in order], PANDA)
     assert a.joint_positions.tolist() == b.joint_positions.tolist() == values[:7]
     assert a.gripper == b.gripper
+    assert a.gripper_positions.tolist() == b.gripper_positions.tolist() == values[7:]
 
 
 def test_the_simulator_publishes_the_panda_finger_joints():

@@ -208,7 +208,8 @@ def sensors(probe):
 def scripted_params(tmp_path: Path, answers: list[str], repeat: bool = False, policy: dict | None = None,
                     safety: dict | None = None) -> Path:
     # backend.type stays "embedded" here: the tests select the scripted backend with backend:=scripted.
-    base = {"backend.type": "embedded", "backend.timeout_s": 3.0, "backend.scripted.answers": answers,
+    base = {"backend.type": "embedded", "backend.timeout_s": 3.0, "policy.max_reply_age_s": 3.5,
+            "policy.max_action_age_s": 4.0, "backend.scripted.answers": answers,
             "backend.scripted.delays_s": [0.0], "backend.scripted.repeat": repeat, "policy.execute_rate_hz": 10.0}
     return write_params(tmp_path / "params.yaml", policy={**base, **(policy or {})},
                         safety={**SAFETY, **(safety or {})})

@@ -428,6 +428,74 @@ def test_timeout_bad_instruction_and_closed_backend(tiny):
         backend.infer(obs, timeout_s=30.0)
 
 
+def _two_cameras(seed: int = 0) -> Observation:
+    rng = np.random.default_rng(seed)
+    scene = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    wrist = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    return Observation(scene, "open the drawer", seq=4, stamp=0.0, images={"camera": scene, "wrist": wrist})
+
+
+@pytest.mark.parametrize("cameras", [[], ["wrist"], ["camera", "wrist"], ["wrist", "camera"]])
+def test_cameras_reach_the_processor_in_order(tiny, cameras):
+    """[] = the primary only; listed cameras become the processor's images, one placeholder each."""
+    from PIL import Image
+    from tiny_models import IMAGE_ID
+    from transformers import AutoProcessor
+
+    tok = _tokenizer("rt2")
+    path = tiny("llava")
+    backend = create_backend("local", {"model_path": path, "device": "cpu", "cameras": cameras}, tok)
+    obs = _two_cameras()
+    inputs = backend._model_inputs(obs)
+    names = cameras or ["camera"]
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    expected = processor(text="<image>" * len(names) + tok.prompt(obs.instruction),
+                         images=[Image.fromarray(obs.images[n]) for n in names], return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == len(names)
+    assert bool((inputs["pixel_values"] == expected["pixel_values"]).all())
+    assert inputs["input_ids"].tolist() == expected["input_ids"].tolist()
+    per_image = int((processor(text="<image>x", images=Image.fromarray(obs.image), return_tensors="pt")["input_ids"]
+                     == IMAGE_ID).sum())
+    assert per_image > 1 and int((inputs["input_ids"] == IMAGE_ID).sum()) == per_image * len(names)
+    tok.parse_text(backend.infer(obs, timeout_s=30.0).text)  # the model answers a valid action
+    backend.close()
+
+
+def test_missing_camera_names_it(tiny):
+    backend = create_backend("local", {"model_path": tiny("llava"), "device": "cpu", "cameras": ["camera", "wrist"]},
+                             _tokenizer("rt2"))
+    with pytest.raises(BackendError, match=r"local: camera 'wrist' \(backend\.local\.cameras\) is not in this "
+                                           r"observation \(it has: camera\)"):
+        backend.infer(_observations(1, 0)[0], timeout_s=30.0)
+    backend.close()
+
+
+def test_causal_lm_ignores_cameras(tiny):
+    tok = _tokenizer("rt2")
+    backend = create_backend("local", {"model_path": tiny("causal_lm"), "device": "cpu",
+                                       "cameras": ["camera", "wrist"]}, tok)
+    tok.parse_text(backend.infer(_observations(1, 0)[0], timeout_s=30.0).text)
+    backend.close()
+
+
+def test_several_cameras_need_an_image_placeholder(tiny, monkeypatch):
+    """A processor without an image token (OpenVLA's takes one image) cannot be given several."""
+    from rt2_ros.backends.local_hf import LocalHFBackend
+
+    load = LocalHFBackend._load_model
+
+    def without_image_token(self):
+        kind, model, processor, hf_tokenizer = load(self)
+        processor.image_token = None
+        return kind, model, processor, hf_tokenizer
+
+    monkeypatch.setattr(LocalHFBackend, "_load_model", without_image_token)
+    options = {"model_path": tiny("llava"), "device": "cpu"}
+    with pytest.raises(BackendConfigError, match=r"backend\.local\.cameras: .*no image placeholder token"):
+        create_backend("local", {**options, "cameras": ["camera", "wrist"]}, _tokenizer("rt2"))
+    create_backend("local", {**options, "cameras": ["wrist"]}, _tokenizer("rt2")).close()  # one image is fine
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration errors
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +534,8 @@ def test_remote_code_checkpoint_needs_trust(tiny, tmp_path):
 def test_unknown_option_and_bad_choice_name_the_key(tiny):
     with pytest.raises((BackendConfigError, ValueError), match=r"backend\.local\.device"):
         create_backend("local", {"model_path": tiny("causal_lm"), "device": "tpu"}, _tokenizer("rt2"))
+    with pytest.raises(BackendConfigError, match=r"backend\.local\.cameras: camera 'wrist' is listed twice"):
+        create_backend("local", {"model_path": tiny("causal_lm"), "cameras": ["wrist", "wrist"]}, _tokenizer("rt2"))
 
 
 def test_cuda_without_a_gpu_names_the_key(tiny):

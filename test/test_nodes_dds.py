@@ -59,7 +59,8 @@ def probe():
 
 def start_stack(probe, tmp_path, answers, delays=(0.0,), policy_extra=None, safety_extra=None):
     """rt2-bringup with the scripted backend; remembers the probe's match totals before the start."""
-    policy = {"backend.type": "scripted", "backend.timeout_s": 3.0, "backend.scripted.answers": list(answers),
+    policy = {"backend.type": "scripted", "backend.timeout_s": 3.0, "policy.max_reply_age_s": 3.5,
+              "policy.max_action_age_s": 4.0, "backend.scripted.answers": list(answers),
               "backend.scripted.delays_s": list(delays), "backend.scripted.repeat": False,
               "policy.execute_rate_hz": 10.0, **(policy_extra or {})}
     params = write_params(tmp_path / "params.yaml", policy=policy, safety={**SAFETY, **(safety_extra or {})})
@@ -126,8 +127,10 @@ def test_actions_move_the_arm_then_terminate_holds(probe, tmp_path):
 
 
 def test_late_reply_is_not_executed(probe, tmp_path):
-    # Every answer takes 1.0 s, but a frame may be at most 0.4 s old when its reply arrives.
-    proc = start_stack(probe, tmp_path, [MOVE_X], delays=[1.0], policy_extra={"policy.max_reply_age_s": 0.4})
+    # Every answer takes the whole timeout (1.0 s), and a frame may be at most 1.0 s old when its reply
+    # arrives: the frame was already a little old when it was sent, so every reply is late.
+    proc = start_stack(probe, tmp_path, [MOVE_X], delays=[1.0], policy_extra={
+        "backend.timeout_s": 1.0, "policy.max_reply_age_s": 1.0, "policy.max_action_age_s": 1.0})
     try:
         wait_ready(probe, proc, tmp_path)
         t0, _ = begin(probe, "move")

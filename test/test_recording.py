@@ -202,11 +202,22 @@ def test_qos_kinds_match_the_nodes():
             int(profile.history), profile.depth, int(profile.reliability), int(profile.durability)), kind
 
 
-def test_ee_pose_timeout_default_matches_the_safety_node():
+def test_pose_age_bound_is_safety_max_pose_age_s():
+    # ee_pose_timeout_s is gone: the pose age bound is safety.max_pose_age_s, a SafetyConfig key the
+    # safety node declares, and the replay takes it from the SafetyConfig it builds (no copy of the default).
     from rt2_ros.nodes.safety_node import OUTPUT_PARAMS
+    from rt2_ros.safety import SAFETY_PARAMS, SafetyConfig
 
-    (spec,) = [s for s in OUTPUT_PARAMS if s.name == "ee_pose_timeout_s"]
-    assert spec.default == recording.EE_POSE_TIMEOUT_DEFAULT_S
+    assert "ee_pose_timeout_s" not in {s.name for s in (*SAFETY_PARAMS, *OUTPUT_PARAMS)}
+    assert "safety.max_pose_age_s" in {s.name for s in SAFETY_PARAMS}
+    assert not hasattr(recording, "EE_POSE_TIMEOUT_DEFAULT_S")
+    assert recording.REPLAY_KEYS["rt2_safety"] == "safety.*"
+    for age in (0.1, SafetyConfig.from_params().max_pose_age_s):
+        for delay, starts in ((age * 0.9, True), (age * 1.1, False)):
+            sim = recording._SafetyReplay(SafetyConfig.from_params({"safety.max_pose_age_s": age}))
+            sim.on_pose(0.0, (0.5, 0.0, 0.3), (1.0, 0.0, 0.0, 0.0), pose_time=0.0)
+            sim.on_episode(delay, bytes(16 * [1]), True)
+            assert (sim.filter.counters["faults"] == 0) == starts, (age, delay)
 
 
 def test_metadata_params_and_instruction(tmp_path):
@@ -297,8 +308,15 @@ T0_NS = 1_700_000_000 * 10**9
 RECORDED = {"tokenizer.profile": "rt2", "safety.max_step_translation_m": 0.05, "safety.watchdog_timeout_s": 1.0}
 
 
-def _pose_msg(x: float = 0.5, y: float = 0.0, z: float = 0.3) -> PoseStamped:
+def _stamp(msg_stamp, ns: int | None) -> None:
+    """Set a builtin_interfaces/Time to ``ns`` (None: leave it zero, i.e. unset)."""
+    if ns is not None:
+        msg_stamp.sec, msg_stamp.nanosec = divmod(ns, 10**9)
+
+
+def _pose_msg(x: float = 0.5, y: float = 0.0, z: float = 0.3, stamp_ns: int | None = None) -> PoseStamped:
     p = PoseStamped()
+    _stamp(p.header.stamp, stamp_ns)
     p.pose.position.x, p.pose.position.y, p.pose.position.z = x, y, z
     p.pose.orientation.w = 1.0
     return p
@@ -312,9 +330,10 @@ def _episode_msg(episode_id: bytes, active: bool = True, instruction: str = "pic
     return Episode(episode_id=uuid_msg(episode_id), active=active, instruction=instruction, reason=reason)
 
 
-def _action_msg(a, episode: bytes) -> ArmAction:
+def _action_msg(a, episode: bytes, observation_ns: int | None = None) -> ArmAction:
     m = ArmAction(observation_seq=a.observation_seq, episode_id=uuid_msg(episode), gripper=float(a.gripper),
                   gripper_relative=a.gripper_relative, terminate=a.terminate)
+    _stamp(m.observation_stamp, observation_ns)
     m.translation.x, m.translation.y, m.translation.z = (float(v) for v in a.translation)
     m.rotation.x, m.rotation.y, m.rotation.z = (float(v) for v in a.rotation)
     return m
@@ -322,15 +341,23 @@ def _action_msg(a, episode: bytes) -> ArmAction:
 
 def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk_rows: int = 0,
                  episodes: tuple = ((1, _episode_msg(EP1)),), episode_of=lambda offset_ns: EP1,
-                 poses: bool = True, flush_period_s: float = 1.0) -> list:
+                 poses: bool = True, flush_period_s: float = 1.0, observation_lag_ns: int | None = 10**8,
+                 pose_lag_ns: int | None = 0) -> list:
     """A recording as the nodes would produce it: the instruction, episode announcements
-    (log time offset ns, Episode message), 50 Hz ee_pose (unless not ``poses``), one reply per 0.1 s from 0.2 s on (text
-    answers; an invalid one gets no arm action; the arm action follows its reply by 50 ms and
-    belongs to ``episode_of(its offset)``), statuses at both ends. Returns the recorded ArmActions."""
+    (log time offset ns, Episode message), 50 Hz ee_pose (unless not ``poses``; header stamp
+    ``pose_lag_ns`` before its log time, zero if None), one reply per 0.1 s from 0.2 s on (text
+    answers; an invalid one gets no arm action; the arm action follows its reply by 50 ms,
+    answers the camera frame taken ``observation_lag_ns`` before the reply (its
+    observation_stamp; zero if None) and belongs to ``episode_of(its offset)``), statuses at
+    both ends. Returns the recorded ArmActions."""
     params = dict(RECORDED if params is None else params)
     tok = ActionTokenizer.from_config({k: v for k, v in params.items() if k.startswith("tokenizer.")})
     duration_ns = (len(answers) + chunk_rows + 5) * 10**8
     actions = []
+
+    def frame_ns(reply_ns: int) -> int | None:
+        return None if observation_lag_ns is None else reply_ns - observation_lag_ns
+
     with EpisodeRecorder(path, DEFAULT_TOPICS, params=params, instruction="pick",
                          flush_period_s=flush_period_s) as rec:
         rec.write("/rt2_safety/status", SafetyStatus(actions_accepted=4), T0_NS)
@@ -338,7 +365,7 @@ def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk
         for offset, msg in episodes:
             rec.write("/episode", msg, T0_NS + offset)
         for t in range(T0_NS, T0_NS + duration_ns, 20 * 10**6) if poses else ():
-            rec.write("/ee_pose", _pose_msg(), t)
+            rec.write("/ee_pose", _pose_msg(stamp_ns=None if pose_lag_ns is None else t - pose_lag_ns), t)
         for i, answer in enumerate(answers):
             seq, t = i + 1, T0_NS + (i + 2) * 10**8
             try:
@@ -350,14 +377,16 @@ def make_episode(path: Path, answers: list, params: dict | None = None, *, chunk
                                                                 tokens=[int(b) for b in parsed.bins]), t)
             action = tok.decode(parsed.bins, observation_seq=seq)
             actions.append(action)
-            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS)), t + 5 * 10**7)
+            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS), frame_ns(t)),
+                      t + 5 * 10**7)
         for k in range(chunk_rows):  # a continuous chunk: no tokens to re-decode
             seq, t = len(answers) + 1, T0_NS + (len(answers) + 2 + k) * 10**8
             if k == 0:
                 rec.write("/rt2_policy/action_tokens", ActionTokens(observation_seq=seq, backend="openpi"), t)
             action = tok.decode_continuous([0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], observation_seq=seq)
             actions.append(action)
-            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS)), t + 5 * 10**7)
+            rec.write("/arm_action", _action_msg(action, episode_of(t + 5 * 10**7 - T0_NS), frame_ns(t)),
+                      t + 5 * 10**7)
         rec.write("/rt2_safety/status", SafetyStatus(actions_accepted=4 + len(actions)), T0_NS + duration_ns)
     return actions
 
@@ -517,6 +546,102 @@ def test_recorded_status_counters_are_reported(tmp_path):
     assert report.recorded_counters["actions_accepted"] == len(actions)
 
 
+def _as_legacy_recording(path: Path) -> None:
+    """Rewrite ``path`` as a recording made before ArmAction had ``observation_stamp``: that
+    schema (the field's line removed) and its messages re-encoded without the field."""
+    from mcap.reader import make_reader as _reader
+    from mcap.writer import Writer
+    from mcap_ros2._dynamic import serialize_dynamic
+
+    name = "rt2_ros_interfaces/msg/ArmAction"
+    reader = _reader(open(path, "rb"), decoder_factories=[DecoderFactory()])  # noqa: SIM115 - read fully below
+    summary = reader.get_summary()
+    out = path.with_suffix(".tmp")
+    with open(out, "wb") as f:
+        w = Writer(f)
+        w.start(profile="ros2", library="test")
+        schema_ids, encoders = {}, {}
+        for sid, sc in summary.schemas.items():
+            data = sc.data
+            if sc.name == name:
+                lines = data.decode().splitlines(keepends=True)
+                old = [ln for ln in lines if not ln.startswith("builtin_interfaces/Time observation_stamp")]
+                assert len(old) == len(lines) - 1
+                data = "".join(old).encode()
+                encoders[sid] = serialize_dynamic(name, data.decode())[name]
+            schema_ids[sid] = w.register_schema(sc.name, sc.encoding, data)
+        channel_ids = {cid: w.register_channel(c.topic, c.message_encoding, schema_ids[c.schema_id], c.metadata)
+                       for cid, c in summary.channels.items()}
+        for schema, channel, message, decoded in reader.iter_decoded_messages(log_time_order=False):
+            data = encoders[schema.id](decoded) if schema.id in encoders else message.data
+            w.add_message(channel_ids[channel.id], message.log_time, data, message.publish_time)
+        for record in reader.iter_metadata():
+            w.add_metadata(record.name, record.metadata)
+        w.finish()
+    out.replace(path)
+
+
+@pytest.mark.parametrize("legacy", ["zero_stamp", "no_field"])
+def test_actions_without_observation_stamp_are_refused_with_one_note(tmp_path, capsys, legacy):
+    # Recordings made before ArmAction had observation_stamp (or by a publisher that left it zero):
+    # the safety node refuses an action of unknown age, so the replay does too, and says why once.
+    path = tmp_path / "old.mcap"
+    answers = ["0 140 128 128 128 128 128 0"] * 3 + ["1 128 128 128 128 128 128 0"]
+    make_episode(path, answers, params={**RECORDED, "ee_pose_timeout_s": 0.5},
+                 observation_lag_ns=None if legacy == "zero_stamp" else 10**8)
+    if legacy == "no_field":
+        _as_legacy_recording(path)
+        assert not hasattr(next(iter_messages(path, ["/arm_action"])).message, "observation_stamp")
+    report = replay(path)
+    assert [s.verdict for s in report.steps] == [("rejected:no_observation_stamp",)] * 3 + [("terminate",)]
+    assert report.counters["actions_rejected"] == report.recorded_counters["actions_rejected"] == 3
+    assert report.ok  # the recorded and the replay params agree: both refuse
+    stamp_notes = [n for n in report.notes if "observation_stamp" in n]
+    assert len(stamp_notes) == 1 and stamp_notes[0].startswith("4 of 4 arm actions carry no observation_stamp")
+    retired = [n for n in report.notes if "ee_pose_timeout_s" in n]  # the old key, in the old file's metadata
+    assert len(retired) == 1 and "safety.max_pose_age_s" in retired[0]
+    assert replay_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("carry no observation_stamp") == 1
+    assert "rejected:no_observation_stamp" in out and "ee_pose_timeout_s=0.5" in out
+
+
+@pytest.mark.parametrize(("lag_s", "cause"), [(1.5, "stale_action"), (-0.3, "future_action")])
+def test_action_freshness_is_judged_by_its_observation_stamp(tmp_path, capsys, lag_s, cause):
+    # The log times are as fresh as ever; only the stamp of the camera frame says how old the data is.
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 3, observation_lag_ns=int(lag_s * 1e9))
+    report = replay(path)
+    assert [s.verdict for s in report.steps] == [(f"rejected:{cause}",)] * 3
+    assert not any("observation_stamp" in n for n in report.notes)
+    fix = "safety.max_action_age_s=2.0" if cause == "stale_action" else "safety.max_future_stamp_s=0.5"
+    assert replay_main([str(path), "--set", fix]) == 1
+    out = capsys.readouterr().out
+    assert out.count(f"ok  (recorded params: rejected:{cause})") == 3
+
+
+def test_pose_freshness_is_judged_by_its_header_stamp(tmp_path, capsys):
+    # ee_pose logged on time but measured 0.3 s earlier: older than safety.max_pose_age_s (0.25 s),
+    # so no episode can start, as on the safety node; a larger bound accepts it.
+    path = tmp_path / "ep.mcap"
+    make_episode(path, ["0 140 128 128 128 128 128 0"] * 2, pose_lag_ns=3 * 10**8)
+    report = replay(path)
+    assert report.counters["faults"] == 1 and [s.verdict for s in report.steps] == [("ignored:fault",)] * 2
+    relaxed = replay(path, candidate={**RECORDED, "safety.max_pose_age_s": 0.5})
+    assert [s.verdict for s in relaxed.steps] == [("ok",)] * 2 and relaxed.counters["faults"] == 0
+    assert "safety.max_pose_age_s: 0.25 -> 0.5" in relaxed.changed_params
+    # Zero-stamped poses are not used at all (unknown age), with a note.
+    unstamped = tmp_path / "unstamped.mcap"
+    make_episode(unstamped, ["0 140 128 128 128 128 128 0"] * 2, pose_lag_ns=None)
+    report = replay(unstamped)
+    assert report.counters["faults"] == 1 and [s.verdict for s in report.steps] == [("ignored:fault",)] * 2
+    assert any("/ee_pose messages not used" in n and "zero header stamp" in n for n in report.notes)
+    # The retired key cannot be set; the message names its replacement.
+    assert replay_main([str(path), "--set", "ee_pose_timeout_s=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "ee_pose_timeout_s" in err and "safety.max_pose_age_s" in err
+
+
 def test_replay_without_params_metadata_assumes_defaults(tmp_path, capsys):
     path = tmp_path / "ep.mcap"
     make_episode(path, ["0 140 128 128 128 128 128 0"], params={})
@@ -524,7 +649,7 @@ def test_replay_without_params_metadata_assumes_defaults(tmp_path, capsys):
     assert report.ok and report.params_recorded == () and report.params_assumed == ("rt2_policy", "rt2_safety")
     assert replay_main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert ("run parameters: rt2_policy (tokenizer.*) and rt2_safety (safety.*, ee_pose_timeout_s) NOT in the "
+    assert ("run parameters: rt2_policy (tokenizer.*) and rt2_safety (safety.*) NOT in the "
             "recording: their defaults are assumed") in out
     assert "as recorded" not in out
 
@@ -545,7 +670,7 @@ def test_replay_of_a_partial_recording_names_what_it_assumed(tmp_path, capsys, p
     assert report.params_recorded == ("rt2_policy",) and report.params_assumed == ("rt2_safety",)
     assert replay_main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert ("run parameters: rt2_policy (tokenizer.*) as recorded; rt2_safety (safety.*, ee_pose_timeout_s) NOT in "
+    assert ("run parameters: rt2_policy (tokenizer.*) as recorded; rt2_safety (safety.*) NOT in "
             "the recording: its defaults are assumed") in out
     assert "replay parameters: the run parameters, unchanged" in out
     if params_from is not None:  # a safety key without rt2_safety in params_from is not taken as recorded
@@ -613,7 +738,7 @@ def test_replay_params_file_is_checked_as_the_nodes_check_it(tmp_path, capsys):
     params.write_text("rt2_safety:\n  ros__parameters:\n    safety:\n      watchdog_timeout_s: 2.0\n")
     assert replay_main([str(path), "--params", str(params)]) == 0
     out = capsys.readouterr().out
-    assert (f"replay parameters: {params} (rt2_safety (safety.*, ee_pose_timeout_s); rt2_policy not in it: "
+    assert (f"replay parameters: {params} (rt2_safety (safety.*); rt2_policy not in it: "
             "defaults; keys it does not set: defaults)") in out
     assert "safety.watchdog_timeout_s: 1.0 -> 2.0" in out
 

@@ -1,8 +1,12 @@
-"""Tests for the pybullet tabletop core (rt2_ros.sim.tabletop) and the shared camera model."""
+"""Tests for the pybullet tabletop core (rt2_ros.sim.tabletop) and the shared camera model, and the
+simulator node's camera topics over DDS (``rt2_sim`` in its own process)."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -297,3 +301,162 @@ def test_invalid_config_names_the_key():
 def test_sim_params_are_all_namespaced():
     assert all(p.name.startswith("sim.") for p in SIM_PARAMS)
     assert len({p.name for p in SIM_PARAMS}) == len(SIM_PARAMS)
+
+
+# ---------------------------------------------------------------------------------------- wrist camera
+def _go(sim: TabletopSim, target, seconds: float = 1.0) -> None:
+    """Servo the commanded grasp point to ``target`` (base frame) and let the arm follow."""
+    for _ in range(round(seconds / SERVO_DT)):
+        error = np.asarray(target) - sim.commanded_pose()[0]
+        sim.apply_twist(np.clip(error / SERVO_DT, -0.3, 0.3), (0, 0, 0), 0.0, SERVO_DT)
+        sim.step(SERVO_DT)
+
+
+def test_wrist_camera_has_its_own_size(fresh):
+    img = fresh.render(camera="wrist")
+    cfg = fresh.config
+    assert img.shape == (cfg["sim.wrist_camera_height"], cfg["sim.wrist_camera_width"], 3) and img.dtype == np.uint8
+    assert img.std() > 10.0
+    assert fresh.render(96, 64, camera="wrist").shape == (64, 96, 3)
+    with pytest.raises(ValueError, match="unknown camera"):
+        fresh.render(camera="elbow")
+
+
+def test_wrist_camera_rides_on_the_hand_with_the_fingers_at_the_bottom(fresh):
+    """The camera follows the measured hand; the grasp point (between the finger pads) projects into
+    the lower half of the image, on its vertical centre line (fingers open left and right)."""
+    for _ in range(2):
+        cam = fresh.wrist_camera()
+        grasp, _ = fresh.ee_pose()
+        u, v = cam.project(grasp)
+        assert abs(u - cam.cx) < 1.0 and cam.height * 0.5 < v < cam.height
+        assert 0.05 < np.linalg.norm(cam.position - grasp) < 0.15  # a hand-mounted camera, not the fixed one
+        before = cam.position
+        _servo(fresh, (0.1, 0.05, 0.0), 0.5)
+        fresh.step(0.3)
+        moved = fresh.wrist_camera().position - before
+        np.testing.assert_allclose(moved, [0.05, 0.025, 0.0], atol=0.006)
+
+
+def test_wrist_camera_sees_the_fingers_move(fresh):
+    """Closing the gripper changes the lower part of the wrist image (the fingers are in view) and
+    leaves the top (the table beyond the fingertips) alone."""
+    opened = fresh.render(camera="wrist").astype(int)
+    fresh.set_gripper(1.0)
+    fresh.step(0.5)
+    closed = fresh.render(camera="wrist").astype(int)
+    changed = np.any(np.abs(opened - closed) > 30, axis=2)
+    h = changed.shape[0]
+    assert changed[h // 2:].mean() > 0.05, "the fingers are not in the wrist camera's view"
+    assert changed[: h // 4].mean() < 0.01
+
+
+def test_wrist_camera_sees_the_cube_under_the_gripper(fresh):
+    """Above the red cube, the cube fills the image centre (not the empty table); at grasp height,
+    between the open fingers, it fills the lower half."""
+    cube = fresh.object_positions()["red_cube"]
+    table = fresh.render(camera="wrist")[:16].reshape(-1, 3).mean(axis=0)  # home: table above the fingertips
+    _go(fresh, cube + np.array([0.0, 0.0, 0.12]))
+    img = fresh.render(camera="wrist").astype(int)
+    mask = fresh.segmentation(camera="wrist")["red_cube"]
+    h, w = mask.shape
+    # The cube is 12 cm beyond the grasp point: on the image's centre line, above its middle.
+    centre = (slice(h // 4, h // 2), slice(2 * w // 5, 3 * w // 5))
+    assert mask[centre].mean() > 0.4, "the red cube is not in the middle of the wrist view"
+    u, v = fresh.wrist_camera().project(cube)
+    assert mask[round(v), round(u)]  # the camera model agrees with the renderer
+    red = img[centre][mask[centre]]
+    assert red[:, 0].mean() > 150 and red[:, 1].mean() < 60  # rendered red, not table
+    assert np.abs(img[centre].mean(axis=(0, 1)) - table).max() > 40  # the centre is not the empty table
+
+    _go(fresh, cube)
+    mask = fresh.segmentation(camera="wrist")["red_cube"]
+    assert mask[h // 2:].mean() > 0.25, "the cube is not between the fingers at grasp height"
+    assert mask.sum() > 4 * (fresh.segmentation(camera="main")["red_cube"].sum())  # close up: larger than from afar
+
+
+def test_finger_joints_are_in_metres(fresh):
+    """joint_states carry each finger's travel in m: 0.04 open, 0 closed on nothing."""
+    names, q, _ = fresh.joint_state()
+    fingers = [q[names.index(n)] for n in ("panda_finger_joint1", "panda_finger_joint2")]
+    np.testing.assert_allclose(fingers, [0.04, 0.04], atol=0.001)
+    fresh.set_gripper(1.0)
+    fresh.step(0.5)
+    names, q, _ = fresh.joint_state()
+    fingers = [q[names.index(n)] for n in ("panda_finger_joint1", "panda_finger_joint2")]
+    np.testing.assert_allclose(fingers, [0.0, 0.0], atol=0.002)
+
+
+@pytest.mark.parametrize(("position", "target"), [([0.0, 0.0, 0.1], [0.0, 0.0, 0.1]),
+                                                  ([0.07, 0.0, 0.04], [0.5, 0.0, 0.04])])
+def test_degenerate_wrist_mount_names_the_keys(position, target):
+    with pytest.raises(ValueError, match=r"sim\.wrist_camera_position"):
+        TabletopSim({"sim.wrist_camera_position": position, "sim.wrist_camera_target": target})
+
+
+# ---------------------------------------------------------------------------------------- rt2_sim over DDS
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("wrist_rate_hz", [0.0, 5.0])
+def test_sim_node_publishes_both_cameras_over_dds(tmp_path, wrist_rate_hz):
+    """``rt2_sim`` in its own process: wrist_camera/image (and /compressed) arrive over DDS, stamped with
+    the node clock; with the default rate 0 each wrist frame has the stamp of a camera/image frame (one
+    render tick: a synchronised pair), with a rate of its own it has its own timer; joint_states carry
+    the open fingers in metres."""
+    pytest.importorskip("rclpy")
+    import cv2
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CompressedImage, Image, JointState
+
+    from rt2_ros.nodes.common import image_msg_to_rgb
+    from test.ros_helpers import REPO, Probe, isolate_ros_domain, stop
+
+    isolate_ros_domain()
+    ns = f"/rt2_wrist_test_{os.getpid()}"  # a namespace of its own: no other test's node hears this simulator
+    probe = Probe("rt2_wrist_camera_probe")
+    log = tmp_path / "sim.log"
+    try:
+        for key, msg_type, topic in (("camera", Image, "camera/image"), ("wrist", Image, "wrist_camera/image"),
+                                     ("wrist_jpeg", CompressedImage, "wrist_camera/image/compressed"),
+                                     ("joints", JointState, "joint_states")):
+            probe.record(msg_type, f"{ns}/{topic}", qos_profile_sensor_data, key)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "rt2_ros.nodes.sim_node", "--ros-args", "-r", f"__ns:={ns}",
+                                     "-p", "sim_node.publish_compressed:=true",
+                                     "-p", f"sim_node.wrist_camera_rate_hz:={wrist_rate_hz}"],
+                                    cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            probe.wait_for(lambda: proc.poll() is not None or (
+                len(probe.messages["wrist"]) >= 5 and len(probe.messages["camera"]) >= 5
+                and bool(probe.messages["wrist_jpeg"]) and bool(probe.messages["joints"])), 60.0,
+                "camera, wrist camera and joint_states from rt2_sim")
+            received_ns = probe.node.get_clock().now().nanoseconds
+        finally:
+            code = stop(proc)
+        assert code == 0, log.read_text()
+        wrist = [m for _, m in probe.messages["wrist"]]
+        camera_stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in probe.messages["camera"]}
+        n_camera = len(probe.messages["camera"])
+        joints = probe.messages["joints"][-1][1]
+        jpeg = probe.messages["wrist_jpeg"][-1][1]
+    finally:
+        probe.close()
+
+    last = wrist[-1]
+    assert (last.encoding, last.width, last.height, last.header.frame_id) == (
+        "rgb8", 128, 128, "wrist_camera_optical_frame")
+    assert image_msg_to_rgb(last).std() > 10.0  # a rendered scene, not a blank frame
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in wrist]
+    assert np.all(np.diff(stamps) > 0), "wrist stamps must increase"
+    assert 0 <= received_ns - stamps[-1] < 5 * 10**9  # the node clock (system time) when rendered
+    paired = [m for m in wrist if (m.header.stamp.sec, m.header.stamp.nanosec) in camera_stamps]
+    if wrist_rate_hz == 0.0:
+        assert len(paired) >= len(wrist) // 2, "wrist frames are not stamped like their camera/image frame"
+    else:  # its own timer: 5 Hz next to the camera's 15 Hz, stamps of its own
+        assert n_camera >= 2 * len(wrist) and len(paired) <= 1, (n_camera, len(wrist), len(paired))
+    assert jpeg.format == "jpeg" and jpeg.header.frame_id == "wrist_camera_optical_frame"
+    decoded = cv2.imdecode(np.frombuffer(bytes(jpeg.data), dtype=np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (128, 128, 3)
+    position = dict(zip(joints.name, joints.position, strict=True))
+    assert position["panda_finger_joint1"] == pytest.approx(0.04, abs=0.002)
+    assert position["panda_finger_joint2"] == pytest.approx(0.04, abs=0.002)

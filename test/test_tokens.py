@@ -791,3 +791,41 @@ def test_cli_encode_plain_and_rpy(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == "127 127 127 127 127 127 255"
     assert main(["encode", "--profile", "openvla", "--translation", "0", "0", "0", "--gripper", "0",
                  "--terminate"]) == 2
+
+
+# -- issue 11: outside numbers are range-checked, token parsing fails only with TokenError ----------
+
+def test_continuous_row_outside_the_profile_range_is_rejected_not_clipped():
+    tok = ActionTokenizer.from_profile("openvla", translation_scale_m=0.05, rotation_scale_rad=0.5,
+                                       rotation_convention="axis_angle", gripper_convention="minus1_open")
+    ok = tok.decode_continuous([0.5, 0, 0, 0, 0, 0, -1.0])
+    assert ok.translation[0] == pytest.approx(0.025)
+    with pytest.raises(TokenError) as err:
+        tok.decode_continuous([1e6, 0, 0, 0, 0, 0, 0])
+    assert err.value.reason == "out_of_range" and "dx" in str(err.value)
+    with pytest.raises(TokenError):
+        tok.decode_continuous([0, 0, 0, 0, 0, 0, 5.0])  # a gripper value of 5 is not "closed"
+
+
+def test_continuous_range_is_configurable_and_checked():
+    tok = ActionTokenizer.from_profile("openvla", continuous_low=[-0.1] * 7, continuous_high=[0.1] * 7)
+    with pytest.raises(TokenError):
+        tok.decode_continuous([0.5, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ConfigError, match=r"tokenizer\.continuous_low"):
+        ActionTokenizer.from_profile("openvla", continuous_low=[0.0] * 3)
+    with pytest.raises(ConfigError, match="needs low < high"):
+        ActionTokenizer.from_profile("openvla", continuous_low=[0.1] * 7, continuous_high=[0.1] * 7)
+
+
+def test_absurd_tokenizer_ranges_are_refused_at_start():
+    with pytest.raises(ConfigError, match=r"tokenizer\.low/high"):
+        ActionTokenizer.from_profile("rt2", low=[0.0, -1e308] + [-1.0] * 6,
+                                     high=[1.0, 1e308] + [1.0] * 6)
+
+
+@pytest.mark.parametrize("digits", [10, 5000])
+def test_a_huge_number_token_is_a_token_error(digits):
+    tok = ActionTokenizer.from_profile("rt2")
+    with pytest.raises(TokenError) as err:
+        tok.parse_text("0 " + "9" * digits + " 128 128 128 128 128 0")
+    assert err.value.reason == "out_of_range"

@@ -3,20 +3,43 @@
 A backend is synchronous and blocking by design: the policy node calls :meth:`Backend.infer`
 from a worker thread (never the ROS executor), with a timeout, so each backend stays a plain
 client that is easy to test without ROS.
+
+The budget rule (DESIGN "Budgets"): ``timeout_s`` is total for the whole call — connect, send,
+receive and decode — whatever the server does (drips a byte at a time, accepts and stalls,
+half-closes, resets, answers gigabytes). A network backend returns or raises within
+``timeout_s + CALL_MARGIN_S``; test/test_backend_budgets.py measures it against a fault server.
+Per-socket-read timeouts, which every client library offers, are not enough: a server that sends
+one byte per read timeout holds such a call forever. Each client therefore turns its one deadline
+into what its library can enforce (socket timeouts set to the time left before every read and
+write, a websocket receive with the time left, a gRPC deadline) and, where a library call can
+block past that (a websocket send into a full buffer, a gRPC write to a server that stopped
+reading), shuts the socket down at the deadline (:func:`abort_at`) or leaves the call behind,
+cancelled: an abandoned call is closed, never queued behind.
+
+Outside data is bounded too: every network backend has a ``max_reply_bytes`` option
+(:func:`max_reply_bytes_spec`) sized to an answer, and decodes the reply inside ``infer`` (on the
+caller's worker thread), so the node's executor only ever sees small, parsed replies.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from rt2_ros.actions import BackendReply, Observation
 from rt2_ros.params import ConfigError, ParamSpec, resolve
+from rt2_ros.text import clean_text
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from rt2_ros.tokens import ActionTokenizer
 
 
@@ -63,19 +86,74 @@ _log = logging.getLogger(__name__)
 
 
 def describe_exception(exc: BaseException) -> str:
-    """A short cause such as 'Connection refused' instead of a nested urllib3/httpx essay."""
+    """A short cause such as 'Connection refused' instead of a nested urllib3/httpx essay.
+
+    The text can come from the peer (an error detail, a URL): it is cleaned (valid UTF-8, no
+    control characters, credentials masked, bounded) like every other :func:`snippet`.
+    """
     text = str(exc)
     for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
                    "No route to host", "Connection reset", "certificate verify failed"):
         if marker in text:
             return marker
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return snippet(first)
 
 
-def snippet(text: str, limit: int = 200) -> str:
-    one_line = " ".join(text.split())
-    return one_line if len(one_line) <= limit else one_line[:limit] + "…"
+def snippet(text: object, limit: int = 200) -> str:
+    """Outside text (a server's error body, a reply that failed to parse) as one safe, short line
+    for an exception message or a log line: see :func:`rt2_ros.text.clean_text`."""
+    return " ".join(clean_text(text, limit).split())
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+#: A network backend's infer() returns or raises at most this long after its ``timeout_s`` (raising
+#: the error, closing the socket, a thread switch). Measured in test/test_backend_budgets.py; the
+#: policy node abandons a request only later (``timeout_s`` + 0.5 s), so it never has to.
+CALL_MARGIN_S = 0.25
+
+#: Default of every network backend's ``max_reply_bytes``: an answer (8 numbers, a 7-float action,
+#: a chunk of 50 x 32 floats, server metadata) needs a few kB; 1 MiB leaves room for long chunks.
+DEFAULT_MAX_REPLY_BYTES = 1024 * 1024
+
+
+def max_reply_bytes_spec(prefix: str, what: str, high: int = 256 * 1024 * 1024) -> ParamSpec:
+    """The ``max_reply_bytes`` option of a network backend (``what``: what the cap counts)."""
+    return ParamSpec(prefix + "max_reply_bytes", "int", DEFAULT_MAX_REPLY_BYTES,
+                     f"Largest reply accepted ({what}); a larger one fails the request (BackendError naming this "
+                     f"key) before the rest of it is read. An answer needs a few kB.",
+                     "bytes", low=1024, high=high)
+
+
+def time_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (a time.monotonic() value); may be <= 0."""
+    return deadline - time.monotonic()
+
+
+@contextlib.contextmanager
+def abort_at(deadline: float, abort: Callable[[], None]) -> Iterator[threading.Event]:
+    """Run the block; if it is still running at ``deadline``, call ``abort()`` from a timer thread.
+
+    For library calls that can block without a timeout of their own (a websocket send into a
+    full socket buffer): ``abort`` shuts the socket down, which makes the blocked call raise in
+    its own thread. The yielded event is set once ``abort`` ran, so the caller can tell a
+    timeout from a peer's error. ``abort`` must be safe to call from another thread.
+    """
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        with contextlib.suppress(Exception):
+            abort()
+
+    timer = threading.Timer(max(0.0, time_left(deadline)), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
 
 
 def resolve_options(specs: tuple[ParamSpec, ...], prefix: str, options: dict) -> dict:
@@ -133,3 +211,39 @@ def credential_specs(prefix: str, *, key_use: str, scheme: str, secret: str = "A
         ParamSpec(prefix + "ca_cert_file", "string", "",
                   f"PEM CA bundle to verify {scheme}:// servers with a private CA; empty = system CAs."),
     )
+
+
+# -- cameras ---------------------------------------------------------------------------------------
+
+def check_camera_names(names: Sequence[str], key: str) -> list[str]:
+    """A camera-name list option, checked at configuration: no empty and no repeated names.
+
+    The backend cannot check the names against the policy node's ``cameras.names`` (it never sees
+    them); a name that is not configured there shows up as a missing camera on the first request.
+    """
+    names = list(names)
+    for name in names:
+        if not name:
+            raise BackendConfigError(f"{key}: camera names must not be empty, got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise BackendConfigError(f"{key}: camera {repeated[0]!r} is listed twice in {names!r}")
+    return names
+
+
+def camera_frames(observation: Observation, cameras: Sequence[str], key: str, backend: str
+                  ) -> list[tuple[str, np.ndarray]]:
+    """``(name, frame)`` of each camera named in ``cameras``, in that order; ``[]`` = the primary only.
+
+    A named camera missing from the observation (an optional camera whose frame was absent or stale)
+    raises BackendError naming the camera and the option ``key``: the request fails and is counted,
+    rather than the model silently seeing another set of cameras than it was configured for.
+    """
+    if not cameras:
+        return [(observation.primary_camera, observation.image)]
+    missing = [c for c in cameras if c not in observation.images]
+    if missing:
+        have = ", ".join(observation.images)
+        raise BackendError(f"{backend}: camera {missing[0]!r} ({key}) is not in this observation (it has: {have}); "
+                           f"its frame is missing or stale, or cameras.names does not configure it")
+    return [(c, observation.images[c]) for c in cameras]

@@ -20,6 +20,25 @@ server is down rather than blocking the control loop, and succeed again as soon 
 
 Every reply's echoed sequence id is checked: an answer for another observation is never
 returned (it would be executed at the wrong time).
+
+Budget (total per call, base.py): one deadline for the whole ``infer`` — GetInfo when the server
+must be asked again, encoding, the call itself, decoding. A gRPC deadline covers connecting,
+sending and receiving, but a message stuck in a write to a server that stopped reading (socket
+buffers full) holds a blocking call past it until the connection breaks, so every call is made
+through the future API and abandoned (cancelled) if gRPC has not ended it shortly after its
+deadline. Streaming calls take turns on the one stream and wait for it only within their own
+budget; a stream whose answer is late is cancelled, not waited for. Replies are capped by
+``max_reply_bytes`` (the channel's ``grpc.max_receive_message_length``: gRPC refuses a larger
+message before decoding it) and decoded to numpy inside ``infer``.
+
+What travels (protocol v2): every camera of the observation by name (primary first; only the
+cameras the server lists in ``ServerInfo.cameras`` when it lists any), each resized to the
+server's image size and encoded per ``image_encoding``, plus every proprioception piece the
+observation holds (end-effector pose, gripper closedness, arm joint and gripper joint positions),
+each with its ROS stamp. A peer of another protocol version is refused at start-up with a
+message that says which side to upgrade: an rt2-serve of an older version is recognised by
+its answer to the older ``GetInfo``, a newer one says so itself (FAILED_PRECONDITION with the
+``rt2_ros-protocol-version`` trailer).
 """
 
 from __future__ import annotations
@@ -33,18 +52,26 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rt2_ros import __version__, imaging
 from rt2_ros.actions import BackendReply, Observation
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
-from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, load
+from rt2_ros.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendError,
+    BackendTimeout,
+    max_reply_bytes_spec,
+    snippet,
+)
+from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, VERSION_TRAILER, load, service_name
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -59,12 +86,12 @@ OPTIONS: tuple[ParamSpec, ...] = (
     ParamSpec(_P + "target", "string", "127.0.0.1:50051",
               "host:port of the rt2-serve (or compatible) policy server; any gRPC target URI works too"),
     ParamSpec(_P + "image_encoding", "string", "jpeg",
-              "how the camera image travels: jpeg (small, lossy), png (lossless), raw (rgb8, no codec cost)",
+              "how every camera image travels: jpeg (small, lossy), png (lossless), raw (rgb8, no codec cost)",
               choices=("jpeg", "png", "raw")),
     ParamSpec(_P + "jpeg_quality", "int", 90, "JPEG quality when image_encoding is jpeg", low=1, high=100),
     ParamSpec(_P + "resize_to_server_size", "bool", True,
-              "resize the image to the size the server reports in GetInfo before encoding (saves bandwidth; "
-              "the model resizes to that size anyway)"),
+              "resize every camera image to the size the server reports in GetInfo before encoding (saves "
+              "bandwidth; the model resizes to that size anyway)"),
     ParamSpec(_P + "use_streaming", "bool", False,
               "one long-lived bidirectional InferStream instead of a unary Infer call per observation"),
     ParamSpec(_P + "tls", "bool", False, "use TLS (required for a token unless allow_insecure_token)"),
@@ -83,6 +110,7 @@ OPTIONS: tuple[ParamSpec, ...] = (
     ParamSpec(_P + "max_backoff_s", "double", 2.0,
               "cap of the exponential backoff between reconnection attempts after a drop", units="s",
               low=0.1, high=120.0),
+    max_reply_bytes_spec(_P, "one protobuf reply: GetInfo, Infer, a stream answer", high=2**31 - 1),
     ParamSpec(_P + "keepalive_s", "double", 30.0,
               "HTTP/2 ping period while calls are active, so a dead link is noticed and redialled instead of "
               "timing out call after call; 0 = off (servers must allow it: rt2-serve allows >= 10 s)", units="s",
@@ -91,7 +119,14 @@ OPTIONS: tuple[ParamSpec, ...] = (
 
 _FORMATS = {"jpeg": pb.Image.JPEG, "png": pb.Image.PNG, "raw": pb.Image.RAW}
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-_MAX_REPLY_BYTES = 64 * 1024 * 1024
+#: past its deadline by this, a call that gRPC did not end is abandoned (GrpcBackend._bounded)
+_ABANDON_GRACE_S = 0.05
+# after these a restarted or replaced server may host another model or speak another protocol version
+_ASK_AGAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class ProtocolMismatch(BackendError):
+    """The server speaks another rt2_ros protocol version; the message says which side to upgrade."""
 
 
 def _read_file(key: str, path: str, *, secret: bool = False) -> bytes:
@@ -138,38 +173,72 @@ def is_loopback(host: str | None) -> bool:
 
 
 def observation_to_proto(observation: Observation, image_encoding: str = "jpeg", jpeg_quality: int = 90,
-                         *, resize_to: tuple[int, int] | None = None, timeout_s: float = 0.0) -> Any:
+                         *, resize_to: tuple[int, int] | None = None, timeout_s: float = 0.0,
+                         cameras: Sequence[str] | None = None) -> Any:
     """The wire message for ``observation``; ``resize_to`` is (height, width) or None.
 
-    Raises :class:`imaging.ImageEncodeError` when the image cannot be encoded.
+    ``cameras``: the cameras to send, in this order (each must be in ``observation.images``);
+    None = every camera of the observation, primary first. Raises :class:`imaging.ImageEncodeError`
+    (naming the camera) when an image cannot be encoded.
     """
-    image = observation.image
-    if resize_to is not None and image.shape[:2] != tuple(resize_to):
-        image = imaging.resize(image, resize_to[0], resize_to[1])
-    height, width = image.shape[:2]
-    if image_encoding == "jpeg":
-        data = imaging.encode_jpeg(image, jpeg_quality)
-    elif image_encoding == "png":
-        data = imaging.encode_png(image)
-    elif image_encoding == "raw":
-        data = np.ascontiguousarray(image).tobytes()
-    else:
+    if image_encoding not in _FORMATS:
         raise ValueError(f"image_encoding must be jpeg, png or raw, got {image_encoding!r}")
-    msg = pb.Observation(
-        seq=int(observation.seq), stamp=float(observation.stamp), instruction=observation.instruction,
-        image=pb.Image(format=_FORMATS[image_encoding], data=data, width=width, height=height,
-                       raw_encoding="rgb8" if image_encoding == "raw" else ""),
-        timeout_s=float(timeout_s))
-    if observation.ee_position is not None or observation.ee_orientation is not None or observation.gripper is not None:
-        ee = pb.EndEffectorState()
-        if observation.ee_position is not None:
-            ee.position.extend(np.asarray(observation.ee_position, dtype=np.float64).reshape(-1).tolist())
-        if observation.ee_orientation is not None:
-            ee.orientation.extend(np.asarray(observation.ee_orientation, dtype=np.float64).reshape(-1).tolist())
-        if observation.gripper is not None:
-            ee.gripper = float(observation.gripper)
-        msg.ee.CopyFrom(ee)
+    msg = pb.Observation(seq=int(observation.seq), stamp=float(observation.stamp),
+                         instruction=observation.instruction, timeout_s=float(timeout_s))
+    for name in (observation.images if cameras is None else cameras):
+        image = observation.images[name]
+        try:
+            if resize_to is not None and image.shape[:2] != tuple(resize_to):
+                image = imaging.resize(image, resize_to[0], resize_to[1])
+            if image_encoding == "jpeg":
+                data = imaging.encode_jpeg(image, jpeg_quality)
+            elif image_encoding == "png":
+                data = imaging.encode_png(image)
+            else:
+                data = np.ascontiguousarray(image).tobytes()
+        except imaging.ImageEncodeError as exc:
+            raise imaging.ImageEncodeError(f"camera {name!r}: {exc}") from None
+        height, width = image.shape[:2]
+        cam = msg.images.add(camera=name, image=pb.Image(
+            format=_FORMATS[image_encoding], data=data, width=width, height=height,
+            raw_encoding="rgb8" if image_encoding == "raw" else ""))
+        if name in observation.image_stamps:
+            cam.stamp = float(observation.image_stamps[name])
+    state = state_to_proto(observation)
+    if state is not None:
+        msg.state.CopyFrom(state)
     return msg
+
+
+def _values(array: Any) -> list[float]:
+    return np.asarray(array, dtype=np.float64).reshape(-1).tolist()
+
+
+def state_to_proto(observation: Observation) -> Any | None:
+    """The RobotState of ``observation`` (every piece it holds, with its stamp), or None when it holds none."""
+    state = pb.RobotState()
+    stamps = observation.state_stamps
+    present = False
+    if observation.ee_position is not None:
+        state.ee_position.extend(_values(observation.ee_position))
+        present = True
+    if observation.ee_orientation is not None:
+        state.ee_orientation.extend(_values(observation.ee_orientation))
+        present = True
+    if (observation.ee_position is not None or observation.ee_orientation is not None) and "ee_pose" in stamps:
+        state.ee_pose_stamp = float(stamps["ee_pose"])
+    for piece in ("gripper", "joint_positions", "gripper_positions"):
+        value = getattr(observation, piece)
+        if value is None:
+            continue
+        present = True
+        if piece == "gripper":
+            state.gripper = float(value)
+        else:
+            getattr(state, piece).extend(_values(value))
+        if piece in stamps:
+            setattr(state, f"{piece}_stamp", float(stamps[piece]))
+    return state if present else None
 
 
 def error_from_status(code: grpc.StatusCode, details: str, *, target: str, timeout_s: float,
@@ -185,7 +254,7 @@ def error_from_status(code: grpc.StatusCode, details: str, *, target: str, timeo
 
 def _error_from_status(code: grpc.StatusCode, details: str, *, target: str, timeout_s: float,
                        has_token: bool, tls: bool) -> BackendError:
-    details = (details or "").strip() or code.name
+    details = snippet(details or "", 300) or code.name  # the server's text: cleaned, bounded
     where = f"policy server {target}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return BackendTimeout(f"{where}: no answer within {timeout_s:.3f} s ({details})")
@@ -209,10 +278,17 @@ def _error_from_status(code: grpc.StatusCode, details: str, *, target: str, time
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return BackendError(f"{where} rejected the observation: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "CLIENT: Received message larger than max" in details:
+            return BackendError(f"{where}: reply larger than {_P}max_reply_bytes, dropped unread ({details})")
+        if "larger than max" in details:
+            return BackendError(f"{where} refused a message above its size cap ({details}); an observation larger "
+                                f"than rt2-serve --max-request-bytes? send jpeg or smaller images")
         return BackendError(f"{where} is at capacity or the message is too large ({details})")
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return BackendError(f"{where} does not implement rt2_ros.policy.v1 ({details}); is it an rt2-serve "
-                            "(or compatible) server?")
+        return BackendError(f"{where} does not implement {SERVICE_NAME} ({details}); is it an rt2-serve (or "
+                            f"compatible) server of rt2_ros protocol v{PROTOCOL_VERSION}?")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return BackendError(f"{where} refused the call: {details}")
     if code == grpc.StatusCode.CANCELLED:
         return BackendError(f"{where}: call cancelled ({details})")
     return BackendError(f"{where} failed with {code.name}: {details}")
@@ -232,7 +308,7 @@ def reply_from_proto(msg: Any, expected_seq: int, **status_context: Any) -> Back
         status_context.setdefault("target", "?")
         status_context.setdefault("timeout_s", float("nan"))
         raise error_from_status(code, msg.error.message, **status_context)
-    backend = f"grpc:{msg.backend}" if msg.backend else "grpc"
+    backend = f"grpc:{snippet(msg.backend, 64)}" if msg.backend else "grpc"  # the server's text: cleaned
     server_time_s = msg.inference_s if msg.HasField("inference_s") else float("nan")
     if which == "text":
         return BackendReply(seq=expected_seq, backend=backend, text=msg.text, server_time_s=server_time_s)
@@ -300,10 +376,11 @@ class _Stream:
         return item
 
     def close(self) -> None:
+        """Cancel the call; its reader thread ends by itself (never waited for: a call that is
+        being abandoned at its deadline must not wait any longer)."""
         self._closed.set()
         self._requests.put(self._END)
         self._call.cancel()
-        self._reader.join(timeout=1.0)
 
 
 class GrpcBackend(Backend):
@@ -354,7 +431,7 @@ class GrpcBackend(Backend):
             ("grpc.initial_reconnect_backoff_ms", min(200, max_backoff_ms)),
             # in gRPC core this is the connection-attempt timeout
             ("grpc.min_reconnect_backoff_ms", int(self._connect_timeout_s * 1000)),
-            ("grpc.max_receive_message_length", _MAX_REPLY_BYTES),
+            ("grpc.max_receive_message_length", o["max_reply_bytes"]),
             ("grpc.primary_user_agent", f"rt2_ros/{__version__}"),
             # own subchannels: never share a connection (and its credentials) with another channel
             ("grpc.use_local_subchannel_pool", 1),
@@ -395,6 +472,8 @@ class GrpcBackend(Backend):
         _log.info("grpc backend: %s health %s", self.target, status)
         try:
             info = self._fetch_info(self._connect_timeout_s)
+        except ProtocolMismatch as exc:
+            raise BackendConfigError(str(exc)) from None
         except BackendError as exc:
             _log.warning("grpc backend: GetInfo failed: %s", exc)
             return
@@ -410,8 +489,8 @@ class GrpcBackend(Backend):
         """
         for service in (SERVICE_NAME, ""):
             try:
-                resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
-                                          metadata=self._metadata, wait_for_ready=wait_for_ready)
+                resp = self._bounded(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s,
+                                     wait_for_ready=wait_for_ready)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND and service:
                     continue
@@ -425,32 +504,95 @@ class GrpcBackend(Backend):
         return "SERVICE_UNKNOWN"
 
     def _fetch_info(self, timeout_s: float) -> Any:
+        """GetInfo; ProtocolMismatch when the server speaks another protocol version."""
         try:
-            info = self._stub.GetInfo(pb.InfoRequest(), timeout=timeout_s, metadata=self._metadata)
+            info = self._bounded(self._stub.GetInfo, pb.InfoRequest(), timeout_s)
         except grpc.RpcError as exc:
+            mismatch = self._version_refusal(exc)
+            if mismatch:
+                raise ProtocolMismatch(mismatch) from None
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise error_from_status(exc.code(), exc.details(), **self._status_context(timeout_s)) from None
-            _log.warning("grpc backend: %s has no GetInfo; tokenizer profile and image size are not checked",
+            older = self._older_server(timeout_s)
+            if older:
+                raise ProtocolMismatch(older) from None
+            _log.warning("grpc backend: %s has no GetInfo; tokenizer profile, image size and cameras are not checked",
                          self.target)
             info = pb.ServerInfo()
         self.server_info = info
         size = f"{info.image_width}x{info.image_height}" if info.image_width else "any size"
-        _log.info("grpc backend: %s serves backend %r model %r, tokenizer %r, images %s, protocol v%d, "
-                  "rt2_ros %s", self.target, info.backend, info.model, info.tokenizer_profile, size,
-                  info.protocol_version, info.server_version or "?")
+        cameras = "cameras " + snippet(", ".join(info.cameras)) if info.cameras else "any cameras"
+        _log.info("grpc backend: %s serves backend %r model %r, tokenizer %r, images %s, %s, protocol v%d, "
+                  "rt2_ros %s", self.target, snippet(info.backend, 80), snippet(info.model, 200),
+                  snippet(info.tokenizer_profile, 80), size, cameras, info.protocol_version,
+                  snippet(info.server_version, 40) or "?")
         return info
+
+    def _upgrade_hint(self, theirs: int) -> str:
+        if theirs < PROTOCOL_VERSION:
+            return f"upgrade rt2-serve on the server to this robot's rt2_ros ({__version__})"
+        return "upgrade rt2_ros on the robot to the server's version"
+
+    def _version_refusal(self, exc: grpc.RpcError) -> str | None:
+        """The mismatch a server reported in its refusal's ``rt2_ros-protocol-version`` trailer, or None."""
+        trailer = next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == VERSION_TRAILER), None)
+        if trailer is None or not trailer.isdigit() or int(trailer) == PROTOCOL_VERSION:
+            return None
+        theirs = int(trailer)
+        age = "an older" if theirs < PROTOCOL_VERSION else "a newer"
+        return (f"policy server {self.target} speaks {age} rt2_ros protocol (v{theirs}) than this robot "
+                f"(v{PROTOCOL_VERSION}); {self._upgrade_hint(theirs)} (server: {snippet(exc.details() or '')})")
+
+    def _older_server(self, timeout_s: float) -> str | None:
+        """Why the server is an rt2-serve of an older protocol version, or None when it is not one.
+
+        Such a server lacks this version's service, so it answers our GetInfo UNIMPLEMENTED; it is
+        recognised by answering an older version's GetInfo (raw bytes both ways: no old .proto is
+        needed, and ServerInfo fields 1..8 read alike in every version).
+        """
+        for version in range(PROTOCOL_VERSION - 1, 0, -1):
+            call = self._channel.unary_unary(f"/{service_name(version)}/GetInfo")
+            try:
+                raw = self._bounded(call, b"", timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raw = b""  # the method exists, only our credentials are refused: still an old server
+                else:
+                    continue  # UNIMPLEMENTED: not this version either; anything else: cannot tell
+            try:
+                old = pb.ServerInfo.FromString(raw)
+            except DecodeError:  # not an rt2_ros answer
+                continue
+            theirs = old.protocol_version or version
+            release = f", rt2_ros {snippet(old.server_version, 40)}" if old.server_version else ""
+            return (f"policy server {self.target} speaks an older rt2_ros protocol (v{theirs}{release}) than this "
+                    f"robot (v{PROTOCOL_VERSION}); {self._upgrade_hint(theirs)}")
+        return None
 
     def _info_problem(self, info: Any) -> str | None:
         """Why answers from this server would be misread here, or None."""
         if info.protocol_version and info.protocol_version != PROTOCOL_VERSION:
-            return (f"policy server {self.target} speaks protocol v{info.protocol_version}, this client v"
-                    f"{PROTOCOL_VERSION}; update rt2_ros on one side")
+            return (f"policy server {self.target} reports rt2_ros protocol v{info.protocol_version}, this robot "
+                    f"speaks v{PROTOCOL_VERSION}; {self._upgrade_hint(info.protocol_version)}")
         local = getattr(self.tokenizer, "profile", None)
         if info.tokenizer_profile and local and info.tokenizer_profile != local:
-            return (f"policy server {self.target} uses tokenizer profile {info.tokenizer_profile!r} but this "
-                    f"robot uses {local!r}; set tokenizer.profile: {info.tokenizer_profile} (answers would be "
+            theirs = snippet(info.tokenizer_profile, 80)
+            return (f"policy server {self.target} uses tokenizer profile {theirs!r} but this "
+                    f"robot uses {local!r}; set tokenizer.profile: {theirs} (answers would be "
                     "decoded wrongly)")
         return None
+
+    def _cameras_to_send(self, observation: Observation, needed: Sequence[str]) -> Sequence[str] | None:
+        """The cameras the server needs (None = all of the observation's); BackendError if one is missing."""
+        if not needed:
+            return None
+        missing = [name for name in needed if name not in observation.images]
+        if missing:
+            raise BackendError(
+                f"policy server {self.target} needs cameras {list(needed)} but this observation has no frame of "
+                f"{missing} (it has {list(observation.images)}); list them in cameras.names with these names, "
+                "or serve the model with a matching rt2-serve --cameras")
+        return needed
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -470,9 +612,10 @@ class GrpcBackend(Backend):
             resize_to = None
             if self._resize and info.image_width and info.image_height:
                 resize_to = (int(info.image_height), int(info.image_width))
+            cameras = self._cameras_to_send(observation, info.cameras)
             try:
                 request = observation_to_proto(observation, self._encoding, self._jpeg_quality, resize_to=resize_to,
-                                               timeout_s=self._remaining(deadline, timeout_s))
+                                               timeout_s=self._remaining(deadline, timeout_s), cameras=cameras)
             except imaging.ImageEncodeError as exc:
                 raise BackendError(f"cannot encode the observation image: {exc}") from None
             if self._streaming:
@@ -481,9 +624,26 @@ class GrpcBackend(Backend):
                 msg = self._call_unary(request, self._remaining(deadline, timeout_s))
             return reply_from_proto(msg, observation.seq, **self._status_context(timeout_s))
         except BackendError as exc:
-            if getattr(exc, "grpc_code", None) == grpc.StatusCode.UNAVAILABLE:
-                self.server_info = None  # a restarted server may host another model: ask again
+            if getattr(exc, "grpc_code", None) in _ASK_AGAIN:
+                self.server_info = None  # a restarted server may host another model or protocol: ask again
             raise
+
+    def _bounded(self, method: Any, request: Any, timeout_s: float, **kwargs: Any) -> Any:
+        """``method(request)`` with gRPC deadline ``timeout_s``, returning or raising within
+        ``timeout_s`` + _ABANDON_GRACE_S whatever the connection does.
+
+        gRPC's deadline alone does not end every call: a message that is still being written to a
+        server that stopped reading (its socket buffers full) keeps the blocking call — and the
+        channel's close() — waiting until the connection breaks. The future API lets the caller
+        leave at the deadline; the call is cancelled and left to gRPC to finish.
+        """
+        future = method.future(request, timeout=timeout_s, metadata=self._metadata, **kwargs)
+        try:
+            return future.result(timeout=timeout_s + _ABANDON_GRACE_S)
+        except grpc.FutureTimeoutError:
+            future.cancel()
+            raise BackendTimeout(f"policy server {self.target}: no answer within {timeout_s:.3f} s (the request "
+                                 "could not even be sent: the server stopped reading); call abandoned") from None
 
     def _remaining(self, deadline: float, timeout_s: float) -> float:
         remaining = deadline - time.monotonic()
@@ -493,7 +653,7 @@ class GrpcBackend(Backend):
 
     def _call_unary(self, request: Any, timeout_s: float) -> Any:
         try:
-            return self._stub.Infer(request, timeout=timeout_s, metadata=self._metadata)
+            return self._bounded(self._stub.Infer, request, timeout_s)
         except grpc.RpcError as exc:
             raise error_from_status(exc.code(), exc.details(), **self._status_context(timeout_s)) from None
 
@@ -535,7 +695,7 @@ class GrpcBackend(Backend):
                                  "infer() call")
         try:
             self._drop_stream()
-            self._stub.Reset(pb.ResetRequest(), timeout=timeout_s, metadata=self._metadata)
+            self._bounded(self._stub.Reset, pb.ResetRequest(), timeout_s)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise error_from_status(exc.code(), exc.details(), **self._status_context(timeout_s)) from None
@@ -543,9 +703,16 @@ class GrpcBackend(Backend):
             self._lock.release()
 
     def close(self) -> None:
+        """Close the channel; never waits more than a second (see _bounded for why it could)."""
         with contextlib.suppress(Exception):
             self._drop_stream()
-        self._channel.close()
+        closer = threading.Thread(target=self._channel.close, name="rt2-grpc-close", daemon=True)
+        closer.start()
+        closer.join(timeout=1.0)
+        if closer.is_alive():
+            _log.warning("grpc backend: a call to %s is stuck writing to a server that stopped reading; the channel "
+                         "closes once the connection breaks", self.target)
 
 
-__all__ = ["OPTIONS", "GrpcBackend", "error_from_status", "observation_to_proto", "read_token", "reply_from_proto"]
+__all__ = ["OPTIONS", "GrpcBackend", "ProtocolMismatch", "error_from_status", "observation_to_proto", "read_token",
+           "reply_from_proto", "state_to_proto"]

@@ -16,6 +16,12 @@ Two model paths:
 * ``causal_lm``: ``AutoModelForCausalLM`` + ``AutoTokenizer``, text only — the image is
   *ignored*. Useful for a language-only policy and for plumbing tests; not a VLA.
 
+Cameras: the primary camera's frame by default (``cameras: []``; OpenVLA and RT-2 were trained on
+one view). Listing cameras passes their frames, in that order, as the processor's list of images,
+with one image placeholder per image in the prompt (``{image}``); that needs a processor with an
+image placeholder token (LLaVA, PaliGemma, Idefics, Qwen2-VL have one; OpenVLA's has none, and it
+takes one image), which is checked when the backend is built.
+
 The answer goes back as ``BackendReply.text`` (number form) or ``BackendReply.token_ids`` (id
 form); the policy node parses and validates it like any other backend's answer.
 
@@ -38,7 +44,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rt2_ros.actions import BackendReply, Observation
-from rt2_ros.backends.base import Backend, BackendConfigError, BackendError, BackendTimeout
+from rt2_ros.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendError,
+    BackendTimeout,
+    camera_frames,
+    check_camera_names,
+)
 from rt2_ros.constrained import (
     GrammarError,
     GrammarLogitsProcessor,
@@ -91,9 +104,14 @@ class LocalHFBackend(Backend):
                   "Generation cap in tokens; 0 = the action grammar's maximum length (n_dims for ids; the longest "
                   "number text + 1 for end-of-sequence for text).",
                   "tokens", low=0, high=4096),
+        ParamSpec(_P + "cameras", "string_array", [],
+                  "Cameras (names of the policy node's cameras.names) whose frames the processor gets, in this "
+                  "order; [] = the primary camera only. Several need a processor with an image placeholder token. "
+                  "A listed camera missing from an observation fails the request. Ignored by causal_lm."),
         ParamSpec(_P + "prompt_template", "string", "{image}{prompt}",
                   "Text given to the model: {prompt} = the tokenizer profile's prompt for the instruction, {image} "
-                  "= the processor's image placeholder token ('' if it has none, and always '' for causal_lm)."),
+                  "= the processor's image placeholder token, once per image ('' if it has none, and always '' for "
+                  "causal_lm)."),
         ParamSpec(_P + "append_token_ids", "int_array", [],
                   "Token ids appended after the tokenized prompt (OpenVLA expects [29871], an empty-space token, "
                   "before the first action token).", low=0),
@@ -114,6 +132,7 @@ class LocalHFBackend(Backend):
         self._model_path = _check_model_path(opts["model_path"])
         if "{prompt}" not in opts["prompt_template"]:
             raise BackendConfigError(f"{_P}prompt_template: must contain {{prompt}}, got {opts['prompt_template']!r}")
+        self._cameras = check_camera_names(opts["cameras"], f"{_P}cameras")
         self._lock = threading.Lock()
         self._torch, self._transformers = _import_torch()
         self._device, self._dtype = self._resolve_device_dtype()
@@ -136,6 +155,10 @@ class LocalHFBackend(Backend):
             limit = self._grammar.max_tokens + (0 if self._token_form == "ids" else 1)
         self._max_new_tokens = limit
         self._image_token = getattr(self._processor, "image_token", None) if self._processor is not None else None
+        if len(self._cameras) > 1 and self._kind == "image_text_to_text" and not self._image_token:
+            raise BackendConfigError(f"{_P}cameras: {self._cameras} are several images, but the processor in "
+                                     f"{self._model_path} has no image placeholder token to place them in the "
+                                     f"prompt (it takes one image); list one camera")
         _log.info("local backend: %s (%s) on %s/%s, %s form, %s decoding, max %d new tokens, loaded in %.2f s",
                   self._model_path, self._kind, self._device, str(self._dtype).removeprefix("torch."),
                   self._token_form, "constrained" if opts["constrained"] else "UNCONSTRAINED", self._max_new_tokens,
@@ -308,24 +331,28 @@ class LocalHFBackend(Backend):
             raise BackendConfigError(f"tokenizer.token_form={self._token_form}: {exc}") from None
 
     # -- inference -----------------------------------------------------------------------------------
-    def _prompt_text(self, instruction: str) -> str:
+    def _prompt_text(self, instruction: str, n_images: int = 1) -> str:
         image_token = self._image_token if (self._kind == "image_text_to_text" and self._image_token) else ""
         try:
             prompt = self.tokenizer.prompt(instruction)
         except ValueError as exc:  # TokenError: e.g. an empty instruction
             raise BackendError(f"local: cannot build the prompt: {exc}") from None
-        return self.options["prompt_template"].replace("{image}", image_token).replace("{prompt}", prompt)
+        return self.options["prompt_template"].replace("{image}", image_token * n_images).replace("{prompt}", prompt)
 
     def _model_inputs(self, observation: Observation) -> dict[str, Any]:
         torch = self._torch
-        text = self._prompt_text(observation.instruction)
         try:
             if self._kind == "image_text_to_text":
                 from PIL import Image
 
-                image = Image.fromarray(np.ascontiguousarray(observation.image))  # uint8 HxWx3 -> RGB
-                inputs = dict(self._processor(text=text, images=image, return_tensors="pt"))
+                frames = camera_frames(observation, self._cameras, f"{_P}cameras", self.name)
+                images = [Image.fromarray(np.ascontiguousarray(f)) for _, f in frames]  # uint8 HxWx3 -> RGB
+                text = self._prompt_text(observation.instruction, len(images))
+                # one image as itself (what single-image processors expect), several as a list
+                inputs = dict(self._processor(text=text, images=images[0] if len(images) == 1 else images,
+                                              return_tensors="pt"))
             else:
+                text = self._prompt_text(observation.instruction)
                 inputs = dict(self._hf_tokenizer(text, return_tensors="pt"))
         except (ValueError, TypeError, KeyError) as exc:
             raise BackendError(f"local: the processor rejected the prompt/image: {_one_line(exc)}") from None

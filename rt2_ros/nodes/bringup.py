@@ -147,9 +147,10 @@ def load_params_file(path: str | Path) -> dict:
 # other topic is an unknown parameter (test/test_config_check.py compares this with the real nodes).
 def _qos_topics(node: str, params: Mapping[str, Any]) -> list[tuple[str, str]]:
     if node == "rt2_policy":
-        camera = "camera/image" if params["camera.transport"] == "raw" else "camera/image/compressed"
-        return [("arm_action", "publisher"), (camera, "subscription"), ("ee_pose", "subscription"),
-                ("joint_states", "subscription")]
+        from rt2_ros.cameras import cameras_from_params
+
+        cameras = [(cam.subscribed_topic, "subscription") for cam in cameras_from_params(params)]
+        return [("arm_action", "publisher"), *cameras, ("ee_pose", "subscription"), ("joint_states", "subscription")]
     if node == "rt2_safety":
         out = [("servo_node/delta_twist_cmds", "publisher")] if params["output.twist"] else []
         out += [("target_pose", "publisher")] if params["output.pose"] else []
@@ -185,15 +186,19 @@ def _qos_specs(node: str, params: Mapping[str, Any], remaps: Sequence[str]) -> l
     return specs
 
 
-def node_specs(node: str, backend_type: str | None = None) -> tuple:
-    """The ParamSpecs ``node`` declares (rt2_policy: with the options of ``backend_type``)."""
+def node_specs(node: str, backend_type: str | None = None, camera_names: Sequence[str] = ()) -> tuple:
+    """The ParamSpecs ``node`` declares (rt2_policy: with the options of ``backend_type`` and of each camera
+    in ``camera_names``)."""
     if node == "rt2_policy":
+        from rt2_ros.cameras import CAMERA_NAMES, camera_specs
         from rt2_ros.nodes.common import AUTOSTART_PARAM
         from rt2_ros.nodes.policy_node import NODE_PARAMS
         from rt2_ros.policy import POLICY_PARAMS
         from rt2_ros.tokens import TOKENIZER_PARAMS
 
-        specs = (*POLICY_PARAMS, *TOKENIZER_PARAMS, *NODE_PARAMS, AUTOSTART_PARAM)
+        specs = (*POLICY_PARAMS, *TOKENIZER_PARAMS, *NODE_PARAMS, CAMERA_NAMES, AUTOSTART_PARAM)
+        for name in camera_names:
+            specs += camera_specs(name)
         if backend_type is not None:
             from rt2_ros.backends import backend_class
 
@@ -255,12 +260,14 @@ def check_node_params(node: str, given: Mapping[str, Any], remaps: Sequence[str]
                               f"{defaults[k]!r}) or remove the key")
     values = {k: v for k, v in given.items() if not (isinstance(v, list) and not v)}
     allow = ("qos_overrides.",)
-    if node == "rt2_policy":  # backend.type decides which backend's options exist, as in configure
+    if node == "rt2_policy":  # backend.type and cameras.names decide which options exist, as in configure
         from rt2_ros.backends import BACKENDS
+        from rt2_ros.cameras import CAMERA_NAMES, check_names
 
         (type_spec,) = [s for s in specs if s.name == "backend.type"]
         backend_type = type_spec.validate(values.get("backend.type", type_spec.default))
-        specs = node_specs(node, backend_type)
+        cameras = check_names(CAMERA_NAMES.validate(values.get(CAMERA_NAMES.name, CAMERA_NAMES.default)))
+        specs = node_specs(node, backend_type, cameras)
         allow += tuple(f"backend.{t}." for t in BACKENDS if t != backend_type)
     for key in ROS_NODE_PARAMS:  # declared by rclpy itself, as booleans
         if key in values and not isinstance(values[key], bool):
@@ -294,12 +301,14 @@ def check_node_params(node: str, given: Mapping[str, Any], remaps: Sequence[str]
 
 
 def _check_policy(params: dict[str, Any], notes: list[str]) -> None:
+    from rt2_ros.cameras import cameras_from_params
     from rt2_ros.joints import JointConfig
     from rt2_ros.policy import PolicyConfig
     from rt2_ros.tokens import ActionTokenizer
 
     PolicyConfig.from_params(params)
     JointConfig.from_params(params)
+    cameras_from_params(params)
     tokenizer = {k: v for k, v in params.items() if k.startswith("tokenizer.")}
     stats = tokenizer.get("tokenizer.dataset_statistics", "")
     if stats and tokenizer.get("tokenizer.profile") == "openvla" and not Path(stats).is_file():
@@ -336,7 +345,29 @@ def check_params(paths: Sequence[str | Path], *, backend: str = "", nodes: Itera
                      if n == node and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", subject)}
             where = sorted({str(origin[(node, key)]) for key in named})
             raise ConfigError(f"{node}: {text}" + (f" (set in {', '.join(where)})" if where else "")) from exc
+    _check_across_nodes(result.nodes)
     return result
+
+
+def _check_across_nodes(nodes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Bounds that the two nodes must agree on; each node alone cannot see the other's parameters."""
+    from rt2_ros.params import ConfigError
+    from rt2_ros.policy import _EARLY_FRACTION
+
+    policy, safety = nodes.get("rt2_policy"), nodes.get("rt2_safety")
+    if policy is None or safety is None:
+        return
+    if policy["policy.max_action_age_s"] > safety["safety.max_action_age_s"]:
+        raise ConfigError(
+            f"rt2_policy policy.max_action_age_s ({policy['policy.max_action_age_s']} s) exceeds rt2_safety "
+            f"safety.max_action_age_s ({safety['safety.max_action_age_s']} s): actions the policy releases would "
+            "be refused as stale; lower the first or raise the second")
+    closest = (1.0 - _EARLY_FRACTION) / policy["policy.execute_rate_hz"]  # two releases are at least this apart
+    if safety["safety.min_action_interval_s"] >= closest:
+        raise ConfigError(
+            f"rt2_safety safety.min_action_interval_s ({safety['safety.min_action_interval_s']} s) is not below "
+            f"{closest:.3f} s, the closest two actions come at rt2_policy policy.execute_rate_hz "
+            f"({policy['policy.execute_rate_hz']} Hz): paced actions would be dropped as bursts")
 
 
 def default_params_file() -> Path:

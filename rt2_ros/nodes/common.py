@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -251,6 +253,16 @@ class ConfiguredEntities:
     def has_timer(self, name: str) -> bool:
         return name in self._timers
 
+    def reset_timer(self, name: str) -> None:
+        """Restart the countdown of timer ``name`` from now (no-op if there is none)."""
+        timer = self._timers.get(name)
+        if timer is not None:
+            timer.reset()
+
+    def guard_condition(self, callback: Callable[[], Any]) -> Any:
+        """A guard condition whose ``trigger()`` (thread-safe) runs ``callback`` on the executor."""
+        return self._keep(self._node.destroy_guard_condition, self._node.create_guard_condition(callback))
+
     def destroy_all(self) -> None:
         for timer in self._timers.values():
             self._node.destroy_timer(timer)
@@ -413,6 +425,14 @@ def rgb_to_image_msg(image: np.ndarray, stamp: Any, frame_id: str) -> Any:
     msg.step = msg.width * 3
     msg.data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
     return msg
+
+
+def sec_to_stamp(seconds: float) -> Time:
+    """A builtin_interfaces/Time from ROS seconds (NaN or negative: zero, the "unknown" stamp)."""
+    if not math.isfinite(seconds) or seconds <= 0.0:
+        return Time()
+    nanos = round(seconds * 1e9)
+    return Time(sec=nanos // 1_000_000_000, nanosec=nanos % 1_000_000_000)
 
 
 def stamp_to_sec(stamp: Any) -> float:

@@ -8,19 +8,22 @@ with a random id, announced on ``episode`` (rt2_ros_interfaces/Episode); actions
 only once the safety node's ``rt2_safety/status`` names that episode, and the episode ends when
 the safety node reports terminate, e-stop, fault, reset or restart (rt2_ros.episode).
 
-Subscribes ``camera/image`` (sensor_msgs/Image) or ``camera/image/compressed``
-(sensor_msgs/CompressedImage) with sensor-data QoS and optionally ``ee_pose``
+Subscribes each configured camera (rt2_ros.cameras: ``cameras.names``, by default one camera on
+``camera/image``; sensor_msgs/Image, or CompressedImage on ``<topic>/compressed``) with
+sensor-data QoS and optionally ``ee_pose``
 (geometry_msgs/PoseStamped) and ``joint_states`` (sensor_msgs/JointState: the gripper's
 closedness and the positions of ``joints.arm_names``, rt2_ros.joints); proprioception older
 than its age bound is never sent to the backend (rt2_ros.policy). Publishes ``arm_action``
 (rt2_ros_interfaces/ArmAction), ``~/action_tokens`` (rt2_ros_interfaces/ActionTokens), ``~/plan``
 (std_msgs/String) and ``/diagnostics``. All timing rules live in :mod:`rt2_ros.policy`; backend calls (infer and
 reset) run on worker threads so the executor never blocks, and their exceptions become counted
-outcomes, never a dead node.
+outcomes, never a dead node. A finished call wakes the executor through a guard condition, so a
+reply is handled, and its action released, as soon as it arrives (not at the next poll).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import time
@@ -40,6 +43,7 @@ from std_msgs.msg import String
 from rt2_ros.actions import ArmAction
 from rt2_ros.backends import BACKENDS, BackendConfigError, backend_class, create_backend
 from rt2_ros.backends.base import Backend
+from rt2_ros.cameras import CAMERA_NAMES, CameraConfig, camera_specs, cameras_from_params
 from rt2_ros.episode import Episode, EpisodeTracker, Outcome, short_id, uuid_bytes
 from rt2_ros.joints import JointConfig, JointStateError, map_joint_state
 from rt2_ros.nodes.common import (
@@ -59,11 +63,13 @@ from rt2_ros.nodes.common import (
     read,
     reject_unknown_overrides,
     run_node,
+    sec_to_stamp,
     stamp_to_sec,
     uuid_msg,
 )
 from rt2_ros.params import ConfigError, ParamSpec
 from rt2_ros.policy import POLICY_PARAMS, PolicyConfig, PolicyCore, ReplyOutcome
+from rt2_ros.text import clean_text
 from rt2_ros.tokens import TOKENIZER_PARAMS, ActionTokenizer
 from rt2_ros_interfaces.action import ExecuteInstruction
 from rt2_ros_interfaces.msg import ActionTokens, SafetyStatus
@@ -71,12 +77,6 @@ from rt2_ros_interfaces.msg import ArmAction as ArmActionMsg
 from rt2_ros_interfaces.msg import Episode as EpisodeMsg
 
 NODE_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("camera.transport", "string", "raw", "Subscribe to camera/image (raw) or camera/image/compressed",
-              choices=("raw", "compressed")),
-    ParamSpec("camera.qos", "string", "sensor_data",
-              "Camera subscription QoS: sensor_data (best effort, matches any publisher) or reliable (only "
-              "reliable publishers; large raw frames that best effort loses on FastDDS arrive)",
-              choices=("sensor_data", "reliable")),
     ParamSpec("diagnostics_period_s", "double", 1.0, "Period of /diagnostics messages", "s", 0.1, 60.0),
     ParamSpec("policy.safety_ack_timeout_s", "double", 2.0,
               "An episode the safety node has not taken (its status naming the episode) within this long ends "
@@ -103,15 +103,15 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
 LIVE_PARAMS = frozenset({
     "backend.timeout_s", "policy.execute_rate_hz", "policy.max_frame_age_s", "policy.max_reply_age_s",
     "policy.refill_threshold", "policy.chunk_blend", "policy.chunk_blend_weight", "policy.safety_ack_timeout_s",
-    "policy.feedback_period_s", "diagnostics_period_s", "policy.max_pose_age_s", "joints.max_age_s"})
+    "policy.feedback_period_s", "diagnostics_period_s", "policy.max_pose_age_s", "joints.max_age_s",
+    "policy.max_action_age_s", "policy.max_chunk_length"})
 _REANNOUNCE_PERIOD_S = 0.2
-_FRAME_STAMPS_KEPT = 64
 
 
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__("rt2_policy", **kwargs)
-        self._base_specs = POLICY_PARAMS + TOKENIZER_PARAMS + NODE_PARAMS
+        self._base_specs = (*POLICY_PARAMS, *TOKENIZER_PARAMS, *NODE_PARAMS, CAMERA_NAMES)
         declare(self, (*self._base_specs, AUTOSTART_PARAM))
         self.live_params = LiveParameters(self, self._base_specs, LIVE_PARAMS, self._check_live, self._apply_live)
         self.backend: Backend | None = None
@@ -171,6 +171,10 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(str(exc)) from exc
         declare(self, options_specs)  # backend.type decides which backend's options exist
         params.update(read(self, options_specs))
+        cam_specs = tuple(spec for name in params["cameras.names"] for spec in camera_specs(name))
+        declare(self, cam_specs)  # as cameras.names decides which cameras' options exist
+        params.update(read(self, cam_specs))
+        self.cameras: tuple[CameraConfig, ...] = cameras_from_params(params)
         other_backends = tuple(f"backend.{t}." for t in BACKENDS if t != backend_type)
         reject_unknown_overrides(self, allow_prefixes=(*other_backends, "qos_overrides."))
 
@@ -184,7 +188,7 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(str(exc)) from exc
         self.joints = JointConfig.from_params(params)
         self.core = PolicyCore(self.config, self.tokenizer, backend_name=backend_type,
-                               joint_max_age_s=params["joints.max_age_s"])
+                               joint_max_age_s=params["joints.max_age_s"], cameras=self.cameras)
         self.tracker = EpisodeTracker(params["policy.safety_ack_timeout_s"])
         self._params = params
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rt2_backend")
@@ -192,7 +196,6 @@ class PolicyNode(LifecycleNode):
         self._reset_future: Future | None = None
         self._reset_started = 0.0
         self._last_outcome: ReplyOutcome | None = None
-        self._frame_stamps: dict[int, float] = {}  # observation seq -> camera stamp (feedback: action age)
         self._unstamped_warned: set[str] = set()
 
         on_error = guarded(self, "policy callback", self._stop_on_error, self.errors)
@@ -203,13 +206,14 @@ class PolicyNode(LifecycleNode):
         self.plan_pub = pub(String, "~/plan", 10)
         self.diag_pub = pub(DiagnosticArray, "/diagnostics", 10)
 
-        camera_qos = qos_profile_sensor_data if params["camera.qos"] == "sensor_data" else \
-            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)  # depth 1: only the latest frame matters
         sub = self._owned.subscription
-        if params["camera.transport"] == "raw":
-            sub(Image, "camera/image", on_error(self._on_image), camera_qos, qos_overriding_options=QOS_OVERRIDES)
-        else:
-            sub(CompressedImage, "camera/image/compressed", on_error(self._on_compressed), camera_qos,
+        for cam in self.cameras:
+            camera_qos = qos_profile_sensor_data if cam.qos == "sensor_data" else \
+                QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)  # depth 1: only the latest frame matters
+            raw = cam.transport == "raw"
+            callback = on_error(lambda msg, name=cam.name, raw=raw: self._frame(
+                msg, image_msg_to_rgb if raw else compressed_msg_to_rgb, name))
+            sub(Image if raw else CompressedImage, cam.subscribed_topic, callback, camera_qos,
                 qos_overriding_options=QOS_OVERRIDES)
         sub(String, "instruction", on_error(self._on_instruction), EVENT_QOS)
         sub(PoseStamped, "ee_pose", on_error(self._on_pose), qos_profile_sensor_data,
@@ -221,13 +225,17 @@ class PolicyNode(LifecycleNode):
 
         self._owned.timer("service", 0.02, on_error(self._service_requests))
         self._owned.timer("execute", 1.0 / self.config.execute_rate_hz, on_error(self._execute_step))
+        # Worker threads trigger it when a call finishes: the reply is handled at once on the executor.
+        self._reply_ready = self._owned.guard_condition(on_error(self._on_reply_ready))
         self._owned.timer("diagnostics", params["diagnostics_period_s"], on_error(self._publish_diagnostics))
         self._owned.timer("feedback", params["policy.feedback_period_s"], on_error(self._publish_feedback))
         self.get_logger().info(
             f"policy node configured: backend={backend_type} profile={self.tokenizer.profile} "
-            f"execute_rate={self.config.execute_rate_hz} Hz timeout={self.config.backend_timeout_s} s")
+            f"execute_rate={self.config.execute_rate_hz} Hz timeout={self.config.backend_timeout_s} s "
+            f"cameras={', '.join(f'{c.name} ({c.subscribed_topic})' for c in self.cameras)}")
 
     def _teardown(self) -> None:
+        self._reply_ready = None
         self._owned.destroy_all()
         workers = getattr(self, "_workers", None)
         if workers is not None:
@@ -237,7 +245,7 @@ class PolicyNode(LifecycleNode):
             try:
                 self.backend.close()
             except Exception as exc:  # a backend that fails to close must not block the shutdown
-                self.get_logger().warning(f"backend close failed: {exc!s:.200}")
+                self.get_logger().warning(f"backend close failed: {clean_text(exc, 200)}")
             self.backend = None
         self.core = None
 
@@ -358,7 +366,8 @@ class PolicyNode(LifecycleNode):
         self._reset_started = time.monotonic()
 
     def _stop_on_error(self, exc: BaseException) -> None:
-        self._end_episode(Outcome.FAULT, f"internal error in the policy node: {type(exc).__name__}: {exc!s:.200}")
+        self._end_episode(Outcome.FAULT,
+                          f"internal error in the policy node: {type(exc).__name__}: {clean_text(exc, 200)}")
 
     # -- action server ----------------------------------------------------------------------------
     def _on_goal_request(self, goal: ExecuteInstruction.Goal) -> GoalResponse:
@@ -376,7 +385,7 @@ class PolicyNode(LifecycleNode):
             self._start_episode(req.instruction.strip(), goal_handle, float(req.time_limit_s))
         except Exception as exc:
             self.errors["callback_errors:goal"] += 1
-            self.get_logger().error(f"goal could not start: {type(exc).__name__}: {exc!s:.200}")
+            self.get_logger().error(f"goal could not start: {type(exc).__name__}: {clean_text(exc, 200)}")
         goal_handle.execute()
 
     def _on_cancel_request(self, goal_handle: ServerGoalHandle) -> CancelResponse:
@@ -387,7 +396,7 @@ class PolicyNode(LifecycleNode):
                 self._end_episode(Outcome.CANCELLED, "cancelled by the client")
         except Exception as exc:  # the action server would re-raise it from spin and end the process
             self.errors["callback_errors:cancel"] += 1
-            self.get_logger().error(f"cancel: unexpected {type(exc).__name__}: {exc!s:.200}")
+            self.get_logger().error(f"cancel: unexpected {type(exc).__name__}: {clean_text(exc, 200)}")
         return CancelResponse.ACCEPT
 
     async def _execute_goal(self, goal_handle: ServerGoalHandle) -> ExecuteInstruction.Result:
@@ -441,23 +450,17 @@ class PolicyNode(LifecycleNode):
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _frame(self, msg, convert) -> None:
+    def _frame(self, msg, convert, camera: str) -> None:
         if self.core is None:
             return
         try:
             image = convert(msg)
         except ImageConversionError as exc:
-            self.core.counters["frames_invalid"] += 1
-            self.get_logger().warning(f"dropping camera frame: {exc}", throttle_duration_sec=5.0)
+            self.core.counters[f"frames_invalid_{camera}"] += 1
+            self.get_logger().warning(f"dropping {camera} frame: {exc}", throttle_duration_sec=5.0)
             return
-        stamp, age = self._stamp(msg.header, "camera")
-        self.core.on_frame(image, stamp, time.monotonic(), age_s=age)
-
-    def _on_image(self, msg: Image) -> None:
-        self._frame(msg, image_msg_to_rgb)
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._frame(msg, compressed_msg_to_rgb)
+        stamp, age = self._stamp(msg.header, f"camera {camera}")
+        self.core.on_frame(image, stamp, time.monotonic(), age_s=age, camera=camera)
 
     def _stamp(self, header, topic: str) -> tuple[float, float]:
         """(stamp, age on arrival) of a sensor message; an unstamped one counts as taken on arrival."""
@@ -492,7 +495,7 @@ class PolicyNode(LifecycleNode):
             return  # a message about other joints (drivers may publish one per controller)
         stamp, age = self._stamp(msg.header, "joint_states")
         self.core.on_state(time.monotonic(), gripper=reading.gripper, joint_positions=reading.joint_positions,
-                           stamp=stamp, age_s=age)
+                           gripper_positions=reading.gripper_positions, stamp=stamp, age_s=age)
 
     def _on_instruction(self, msg: String) -> None:
         if not self._active:
@@ -523,20 +526,39 @@ class PolicyNode(LifecycleNode):
         self._reannounce(now)
         for seq in core.abandon_overdue(now):
             self.get_logger().warning(f"request {seq} abandoned: no reply within {self.config.backend_timeout_s} s")
-        while True:
-            try:
-                seq, reply, error, done_at = self._results.get_nowait()
-            except queue.Empty:
-                break
-            self._handle_outcome(core.on_reply(seq, reply, error, done_at))
+        self._on_reply_ready()
         if not self._backend_ready(now):
             return
         request = core.next_request(now)
         if request is not None:
             future = self._workers.submit(self.backend.infer, request.observation, self.config.backend_timeout_s)
             seq = request.observation.seq
-            future.add_done_callback(lambda f, seq=seq: self._results.put(
-                (seq, None if f.exception() else f.result(), f.exception(), time.monotonic())))
+            future.add_done_callback(lambda f, seq=seq: self._call_done(seq, f))
+
+    def _call_done(self, seq: int, future: Future) -> None:
+        """On the worker thread: hand the outcome to the executor and wake it."""
+        self._results.put((seq, None if future.exception() else future.result(), future.exception(),
+                           time.monotonic()))
+        guard = getattr(self, "_reply_ready", None)
+        if guard is not None:
+            with contextlib.suppress(Exception):  # destroyed by a cleanup meanwhile: the poll picks it up
+                guard.trigger()
+
+    def _on_reply_ready(self) -> None:
+        """Handle finished calls, then release an action at once if one is due (a reply executes on arrival)."""
+        core = self.core
+        if core is None:
+            return
+        handled = False
+        while True:
+            try:
+                seq, reply, error, done_at = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._handle_outcome(core.on_reply(seq, reply, error, done_at))
+            handled = True
+        if handled:
+            self._execute_step()
 
     def _backend_ready(self, now: float) -> bool:
         """The backend's reset for this episode finished (or failed, or overran its deadline)."""
@@ -548,7 +570,7 @@ class PolicyNode(LifecycleNode):
             if fut.exception() is not None:
                 self.errors["backend_reset_errors"] += 1
                 self.get_logger().warning(f"backend reset failed: {type(fut.exception()).__name__}: "
-                                          f"{fut.exception()!s:.200}", throttle_duration_sec=2.0)
+                                          f"{clean_text(fut.exception(), 200)}", throttle_duration_sec=2.0)
             return True
         if now - self._reset_started > self.config.backend_timeout_s:
             self._reset_future = None
@@ -575,11 +597,7 @@ class PolicyNode(LifecycleNode):
         if outcome.plan:
             self._last_plan = outcome.plan
             self.plan_pub.publish(String(data=outcome.plan))
-        if outcome.accepted:
-            self._frame_stamps[outcome.seq] = outcome.frame_stamp
-            while len(self._frame_stamps) > _FRAME_STAMPS_KEPT:
-                self._frame_stamps.pop(next(iter(self._frame_stamps)))
-        else:
+        if not outcome.accepted:
             self.get_logger().warning(f"reply {outcome.seq} not executed ({outcome.reason}): {outcome.detail}",
                                       throttle_duration_sec=1.0)
 
@@ -588,14 +606,15 @@ class PolicyNode(LifecycleNode):
         core = self.core
         if core is None or not self._active or not self.tracker.may_execute:
             return  # actions wait in the queue until the safety node executes this episode
-        action = core.pop_action()
+        action = core.pop_action(time.monotonic())
         if action is None:
             return
         ep = self.tracker.current
         assert ep is not None
         self.action_pub.publish(self._to_msg(action, ep.episode_id))
+        self._owned.reset_timer("execute")  # the next release one full period after this one
         self._steps += 1
-        self._last_action_age = self._now() - self._frame_stamps.get(action.observation_seq, math.nan)
+        self._last_action_age = self._now() - action.observation_stamp
         if action.terminate:
             self.get_logger().info(f"episode {short_id(ep.episode_id)}: terminate token sent to the safety node")
 
@@ -604,6 +623,7 @@ class PolicyNode(LifecycleNode):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self.config.base_frame
         msg.observation_seq = max(0, action.observation_seq)
+        msg.observation_stamp = sec_to_stamp(action.observation_stamp)
         msg.episode_id = uuid_msg(episode_id)
         msg.translation.x, msg.translation.y, msg.translation.z = (float(v) for v in action.translation)
         msg.rotation.x, msg.rotation.y, msg.rotation.z = (float(v) for v in action.rotation)

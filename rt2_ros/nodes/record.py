@@ -1,7 +1,7 @@
 """``rt2-record``: record an rt2_ros run (simulated or real arm) to an MCAP file.
 
-Subscribes to the rt2 topics (camera, instruction, episode announcements, model tokens, arm
-actions, safety status, controller commands, measured end-effector pose; see
+Subscribes to the rt2 topics (camera and wrist camera, instruction, episode announcements, model
+tokens, arm actions, safety status, controller commands, measured end-effector pose; see
 :data:`rt2_ros.recording.DEFAULT_TOPICS`) with the reliability/durability their publishers use,
 so latched topics (safety status, e-stop) arrive even when they were published before the
 recorder started; instructions and episodes are volatile events, recorded from the moment the
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topics", nargs="+", default=None, metavar="TOPIC[:TYPE]",
                    help="topics to record instead of the default rt2 set; other topics as /name:pkg/msg/Type")
     p.add_argument("--image-rate", type=float, default=0.0, metavar="HZ",
-                   help="keep at most HZ camera frames per second (0 = every frame; 2 keeps files ~5x smaller "
-                        "with a 10 Hz camera)")
+                   help="keep at most HZ frames per second of each camera topic (0 = every frame; 2 keeps files "
+                        "~5x smaller with a 10 Hz camera)")
     p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0 = until Ctrl-C)")
     p.add_argument("--param-nodes", nargs="*", default=["rt2_policy", "rt2_safety"], metavar="NODE",
                    help="nodes whose parameters are stored as metadata (default: rt2_policy rt2_safety; none: "

@@ -3,7 +3,15 @@
 A managed (lifecycle) node. In: ``arm_action`` (rt2_ros_interfaces/ArmAction), ``episode``
 (rt2_ros_interfaces/Episode: the policy node announces each episode; only actions of the episode
 last announced are executed), ``ee_pose`` (geometry_msgs/PoseStamped, measured end-effector pose,
-required to start an episode), ``estop`` (std_msgs/Bool, true latches the e-stop).
+required to start an episode and to move), ``estop`` (std_msgs/Bool, true latches the e-stop).
+
+Freshness (the rules are in rt2_ros.safety): the age of an ArmAction is the age of its
+``observation_stamp`` (the camera frame it answers) and the age of a pose is the age of its
+header stamp, both on this node's ROS clock. Each is converted once, at arrival, into a time on
+the monotonic clock the filter runs on (``monotonic_now - (ros_now - stamp)``) and then ages in
+real time: the filter refuses the action or holds the arm when a bound is passed, however long
+ago the message arrived. A zero stamp (an old publisher, or one that forgot) is unknown age:
+actions are refused (``no_observation_stamp``), poses are not used.
 Out, re-published at ``safety.command_rate_hz`` and freshly stamped (MoveIt Servo drops commands
 older than 0.1 s, and a zero twist is the keep-alive while holding):
 ``servo_node/delta_twist_cmds`` (geometry_msgs/TwistStamped), ``target_pose``
@@ -69,14 +77,13 @@ OUTPUT_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("output.frame_aliases", "string_array", [],
               "Other names of output.frame_id accepted in ee_pose and arm_action headers (e.g. base_link); any "
               "other frame is a fault naming both frames"),
-    ParamSpec("ee_pose_timeout_s", "double", 0.5,
-              "A measured ee_pose older than this is not used; starting an episode needs a fresh one", "s",
-              0.01, 10.0),
 )
 
 
 # Parameters that `ros2 param set` may change on a configured node (checked like at start-up).
-LIVE_PARAMS = frozenset(spec.name for spec in SAFETY_PARAMS) | {"ee_pose_timeout_s", "output.frame_aliases"}
+LIVE_PARAMS = frozenset(spec.name for spec in SAFETY_PARAMS) | {"output.frame_aliases"}
+# Freshness and rate refusals of the filter (SafetyFilter.drop_counts causes) worth a log line.
+_FRESHNESS_CAUSES = ("no_observation_stamp", "future_action", "stale_action", "no_fresh_pose", "burst")
 _ENDED_EPISODES_KEPT = 64  # ids remembered to tell a straggler ("stale_episode") from a stranger
 
 
@@ -147,12 +154,13 @@ class SafetyNode(LifecycleNode):
         self.frame_ids = {self.frame_id, *params["output.frame_aliases"]}
         self.gripper_open = params["output.gripper_open_value"]
         self.gripper_closed = params["output.gripper_closed_value"]
-        self.pose_timeout = params["ee_pose_timeout_s"]
         self.episode_id = NO_EPISODE
         self.instruction = ""
         self.ended_episodes: deque[bytes] = deque(maxlen=_ENDED_EPISODES_KEPT)
         self.last_seq = 0
-        self._pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None  # p, q(wxyz), monotonic
+        # The last usable ee_pose: position, quaternion (w, x, y, z), and when it was measured (on the
+        # monotonic clock, from its header stamp: see _monotonic_time_of).
+        self._pose: tuple[tuple[float, ...], tuple[float, ...], float] | None = None
         self._last_gripper_pub: tuple[float, float] | None = None  # value, monotonic
         self._last_state: int | None = None
         self._last_tick_reasons: tuple[str, ...] = ()
@@ -209,8 +217,6 @@ class SafetyNode(LifecycleNode):
             self.filter.update_config(self._changed_config(changes))
             if self.filter.config.command_rate_hz != old_rate:
                 self._owned.timer("tick", 1.0 / self.filter.config.command_rate_hz, self._guarded_tick)
-        if "ee_pose_timeout_s" in changes:
-            self.pose_timeout = changes["ee_pose_timeout_s"]
         if "output.frame_aliases" in changes:
             self.frame_ids = {self.frame_id, *changes["output.frame_aliases"]}
 
@@ -234,9 +240,29 @@ class SafetyNode(LifecycleNode):
             self.get_logger().warning(f"arm action not executed ({cause}): {detail} (logged once per cause; "
                                       f"counts in ~/status and /diagnostics)")
 
+    def _log_once(self, cause: str, detail: str) -> None:
+        if cause not in self._drops_logged:
+            self._drops_logged.add(cause)
+            self.get_logger().warning(f"{detail} (logged once per cause; counts in ~/status and /diagnostics)")
+
     # -- inputs ---------------------------------------------------------------------------------
+    def _ros_now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _monotonic_time_of(self, stamp) -> float | None:
+        """The monotonic time at which ROS ``stamp`` was taken (None for a zero, i.e. unset, stamp).
+
+        Both clocks are read together, so the age at arrival is measured on the ROS clock (the
+        one the publisher stamped with), and from then on ages on the monotonic clock."""
+        sec = stamp_to_sec(stamp)
+        if sec <= 0.0:
+            return None
+        mono, ros = time.monotonic(), self._ros_now()
+        return mono - (ros - sec)
+
     def _fresh_pose(self):
-        if self._pose is None or time.monotonic() - self._pose[2] > self.pose_timeout:
+        assert self.filter is not None
+        if self._pose is None or time.monotonic() - self._pose[2] > self.filter.config.max_pose_age_s:
             return None
         return self._pose
 
@@ -253,11 +279,24 @@ class SafetyNode(LifecycleNode):
         return False
 
     def _on_pose(self, msg: PoseStamped) -> None:
+        assert self.filter is not None
         if not self._frame_ok(msg.header.frame_id, "ee_pose"):
             self._pose = None
             return
+        t = self._monotonic_time_of(msg.header.stamp)
+        if t is None:
+            self._log_once("pose_no_stamp", "ee_pose ignored: its header stamp is zero (unknown age); the arm "
+                                            "holds until a stamped pose arrives")
+            return
+        ahead = t - time.monotonic()
+        if ahead > self.filter.config.max_future_stamp_s:
+            self._log_once("pose_future", f"ee_pose ignored: stamped {ahead:.3f} s ahead of this node's clock "
+                                          f"(> safety.max_future_stamp_s); are the clocks of the machines synced?")
+            return
+        if self._pose is not None and t < self._pose[2]:
+            return  # an older pose than the one held (reordered delivery)
         p, q = msg.pose.position, msg.pose.orientation
-        self._pose = ((p.x, p.y, p.z), (q.w, q.x, q.y, q.z), time.monotonic())
+        self._pose = ((p.x, p.y, p.z), (q.w, q.x, q.y, q.z), t)
 
     def _on_episode(self, msg: EpisodeMsg) -> None:
         assert self.filter is not None
@@ -290,7 +329,7 @@ class SafetyNode(LifecycleNode):
             self._publish_hold()
             self.get_logger().error(f"episode {short_id(episode_id)} not started: no fresh ee_pose "
                                     f"(is the arm driver publishing?)")
-        elif self.filter.start_episode(pose[0], pose[1], None, time.monotonic()):
+        elif self.filter.start_episode(pose[0], pose[1], None, time.monotonic(), pose_time=pose[2]):
             # Hold until the first action: the model may take longer than the watchdog to answer.
             self.filter.hold("waiting for the first action")
             self.get_logger().info(f"episode {short_id(episode_id)}: {self.instruction!r}")
@@ -328,13 +367,18 @@ class SafetyNode(LifecycleNode):
                            rotation=(msg.rotation.x, msg.rotation.y, msg.rotation.z), gripper=msg.gripper,
                            terminate=msg.terminate, gripper_relative=msg.gripper_relative,
                            observation_seq=int(msg.observation_seq))
-        verdict = self.filter.on_action(action, time.monotonic())
+        observed = self._monotonic_time_of(msg.observation_stamp)
+        verdict = self.filter.on_action(action, time.monotonic(), observation_time=observed)
         if verdict.accepted:
             self.last_seq = int(msg.observation_seq)
         else:
             for reason in verdict.reasons:
                 if reason.startswith("ignored:"):
                     self._drop(reason, f"action {msg.observation_seq} in state {self.filter.state.name}")
+                cause = reason.split(":", 1)[-1]
+                if cause in _FRESHNESS_CAUSES:
+                    self._log_once(cause, f"arm action {msg.observation_seq} not executed ({cause}): "
+                                          f"{self.filter.last_refusal or reason}")
             if any(r.startswith("rejected") for r in verdict.reasons):
                 self.get_logger().warning(f"action {msg.observation_seq} rejected: {', '.join(verdict.reasons)}",
                                           throttle_duration_sec=1.0)
@@ -382,9 +426,19 @@ class SafetyNode(LifecycleNode):
     def _tick(self) -> None:
         """The command stream: one freshly stamped command per period (guarded: a failure sends a hold)."""
         assert self.filter is not None
-        pose = self._fresh_pose()
-        cmd = self.filter.tick(time.monotonic(), *(pose[:2] if pose else (None, None)))
+        # The last pose goes in with the time it was measured, fresh or not: the filter holds the
+        # arm once it is older than safety.max_pose_age_s (and never dead-reckons past that).
+        pose = self._pose
+        if pose is None:
+            cmd = self.filter.tick(time.monotonic())
+        else:
+            cmd = self.filter.tick(time.monotonic(), pose[0], pose[1], pose_time=pose[2])
         self._last_tick_reasons = cmd.reasons
+        if "hold:no_fresh_pose" in cmd.reasons:
+            self._log_once("hold:no_fresh_pose", f"holding: {self.filter.hold_reason} (is the arm driver "
+                                                 "publishing ee_pose, with current stamps?)")
+        elif "hold:stale_action" in cmd.reasons:
+            self._log_once("hold:stale_action", f"holding: {self.filter.hold_reason}")
         if not self._active and cmd.state == SafetyState.RUNNING:  # cannot happen; never move inactive
             self._publish_hold()
         else:
@@ -440,8 +494,12 @@ class SafetyNode(LifecycleNode):
         s.episode_id = uuid_msg(self.episode_id)
         s.instruction = self.instruction
         s.last_observation_seq = self.last_seq
+        mono = time.monotonic()
         last = self.filter.last_action_time
-        s.last_action_age_s = float(time.monotonic() - last) if last is not None else float("nan")
+        s.last_action_age_s = float(mono - last) if last is not None else float("nan")
+        observed = self.filter.target_observation_time
+        s.last_observation_age_s = float(mono - observed) if observed is not None else float("nan")
+        s.pose_age_s = float(mono - self._pose[2]) if self._pose is not None else float("nan")
         s.actions_accepted = c["actions_accepted"]
         s.actions_rejected = c["actions_rejected"]
         s.actions_clipped = c["actions_clipped"]
@@ -449,7 +507,7 @@ class SafetyNode(LifecycleNode):
         s.estops = c["estops"]
         s.terminations = c["terminations"]
         s.faults = c["faults"]
-        drops = sorted(self.drops.items())
+        drops = sorted((self.drops + Counter(self.filter.drop_counts)).items())
         s.drop_causes = [k for k, _ in drops]
         s.drop_counts = [int(v) for _, v in drops]
         self.status_pub.publish(s)

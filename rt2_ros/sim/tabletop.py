@@ -1,4 +1,4 @@
-"""The simulator core: a Franka Panda at a table with coloured cubes, a tray and a fixed camera.
+"""The simulator core: a Franka Panda at a table with coloured cubes, a tray, a fixed camera and a wrist camera.
 
 Why it exists: the whole policy loop (camera -> backend -> tokens -> safety -> servo) must be
 runnable and testable on a laptop with no robot, no GPU and no network. ``TabletopSim`` is the
@@ -24,6 +24,15 @@ Design choices:
   the hand and a cube while the gripper is commanded closed *and* both fingers touch that
   cube, removed as soon as the gripper opens. A documented simulation aid (docs/sim.md);
   the policy never sees it.
+* **Wrist camera**: a second pinhole camera fixed to the Panda hand (``panda_hand``), beside the
+  hand and looking along the gripper past the fingertips, as wrist cameras on real Pandas are
+  mounted (DROID's, openpi's wrist inputs). Fingers, the grasped object and what lies under the
+  gripper are in view. Its mount is given as an eye and a look-at point in the hand frame
+  (``sim.wrist_camera_position`` / ``sim.wrist_camera_target``), not as a quaternion: that is
+  how one places a simulated camera, and the image's up is then fixed by the rule "the side of
+  the hand the camera sits on is up", which keeps the fingers at the bottom of the image.
+  Rendered on request only (:meth:`TabletopSim.render` with ``camera="wrist"``), at its own
+  size, so a node that does not publish it pays nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import transforms3d.axangles as tax
 import transforms3d.quaternions as tq
 
 from rt2_ros.params import ParamSpec, resolve
-from rt2_ros.sim.camera import PinholeCamera, camera_param_specs
+from rt2_ros.sim.camera import CameraError, PinholeCamera, camera_param_specs, focal_from_fov, look_at
 
 
 def _import_pybullet_quietly():
@@ -88,6 +97,10 @@ TRAY_URDF_SCALE = 0.4  # traybox.urdf is 0.6 m square; 0.24 m fits the workspace
 TRAY_HALF_INNER_M = 0.25 * TRAY_URDF_SCALE  # wall centres at +-0.25 in the URDF
 TRAY_RIM_Z_M = 0.128 * TRAY_URDF_SCALE
 DOWN_QUAT_WXYZ = (0.0, 1.0, 0.0, 0.0)  # grasp frame z pointing down, fingers opening along base y
+# The wrist camera's near clipping plane: the fingers are 6-12 cm from the default mount, the
+# hand's lower edge closer still; the fixed camera's 5 cm would cut them away.
+WRIST_CAMERA_NEAR_M = 0.01
+CAMERAS = ("main", "wrist")  # names render() and segmentation() take
 
 CUBE_COLORS: dict[str, tuple[float, float, float, float]] = {
     "red_cube": (0.9, 0.05, 0.05, 1.0),
@@ -136,6 +149,17 @@ SIM_PARAMS: tuple[ParamSpec, ...] = (
               "render the Panda with its collision meshes (coarser, plain white; rendering 2-3x faster, which "
               "keeps the camera at its rate on a laptop CPU); false: the detailed visual meshes"),
     *camera_param_specs("sim.camera_", "simulated camera"),
+    ParamSpec("sim.wrist_camera_width", "int", 128, "wrist camera image width", "px", 16, 1024),
+    ParamSpec("sim.wrist_camera_height", "int", 128, "wrist camera image height", "px", 16, 1024),
+    ParamSpec("sim.wrist_camera_fov", "double", 75.0, "wrist camera vertical field of view", "deg", 10.0, 150.0),
+    ParamSpec("sim.wrist_camera_position", "double_array", [0.07, 0.0, 0.04],
+              "wrist camera optical centre in the hand frame (panda_hand: z along the gripper towards the "
+              "fingertips, fingers opening along y); the side it sits on is the top of the image",
+              "m", -0.5, 0.5, length=3),
+    ParamSpec("sim.wrist_camera_target", "double_array", [0.0, 0.0, 0.15],
+              "point the wrist camera looks at, in the hand frame (the default: 4.5 cm beyond the point between "
+              "the finger pads, so fingers and grasped object sit in the lower half of the image)",
+              "m", -1.0, 1.0, length=3),
 )
 
 
@@ -186,6 +210,7 @@ class TabletopSim:
         self._ws_max = np.asarray(c["sim.workspace_max"], dtype=np.float64)
         if np.any(self._ws_min >= self._ws_max):
             raise ValueError(f"sim.workspace_min {self._ws_min} must be below sim.workspace_max {self._ws_max}")
+        self._wrist_mount = _wrist_mount(c)
         self._grasp_cid: int | None = None
         self._held: str | None = None
         self._cid = pb.connect(pb.DIRECT)
@@ -403,22 +428,45 @@ class TabletopSim:
         """False if the most recent twist was dropped as stale."""
         return self._last_command_applied
 
-    def render(self, width: int | None = None, height: int | None = None) -> np.ndarray:
-        """An RGB uint8 (H, W, 3) image from the fixed camera (intrinsics scaled to the size asked for)."""
-        cam = self.camera.scaled(width or self.camera.width, height or self.camera.height)
+    def wrist_camera(self) -> PinholeCamera:
+        """The wrist camera as it is now: intrinsics from ``sim.wrist_camera_*``, pose from the measured hand pose."""
+        c, (mount_pos, mount_quat) = self.config, self._wrist_mount
+        hand = pb.getLinkState(self._robot, HAND_LINK, computeForwardKinematics=True, physicsClientId=self._cid)
+        hand_pos, hand_quat = np.asarray(hand[4], dtype=np.float64), _wxyz(hand[5])
+        width, height = c["sim.wrist_camera_width"], c["sim.wrist_camera_height"]
+        f = focal_from_fov(height, c["sim.wrist_camera_fov"])
+        return PinholeCamera(width, height, f, f, (width - 1) / 2.0, (height - 1) / 2.0,
+                             hand_pos + tq.quat2mat(hand_quat) @ mount_pos, tq.qmult(hand_quat, mount_quat))
+
+    def render(self, width: int | None = None, height: int | None = None, *, camera: str = "main") -> np.ndarray:
+        """An RGB uint8 (H, W, 3) image from the fixed (``"main"``) or the ``"wrist"`` camera, intrinsics
+        scaled to the size asked for (default: the camera's configured size)."""
+        cam, near = self._camera_at(camera, width, height)
         _, _, rgba, _, _ = pb.getCameraImage(cam.width, cam.height, cam.opengl_view_matrix(),
-                                             cam.opengl_projection_matrix(), renderer=pb.ER_TINY_RENDERER,
+                                             cam.opengl_projection_matrix(near=near), renderer=pb.ER_TINY_RENDERER,
                                              physicsClientId=self._cid)
         return np.ascontiguousarray(np.reshape(np.asarray(rgba, dtype=np.uint8), (cam.height, cam.width, 4))[:, :, :3])
 
-    def segmentation(self, width: int | None = None, height: int | None = None) -> dict[str, np.ndarray]:
+    def segmentation(self, width: int | None = None, height: int | None = None, *,
+                     camera: str = "main") -> dict[str, np.ndarray]:
         """Ground-truth boolean masks per object name (for tests and evaluation, not for policies)."""
-        cam = self.camera.scaled(width or self.camera.width, height or self.camera.height)
-        *_, seg = pb.getCameraImage(cam.width, cam.height, cam.opengl_view_matrix(), cam.opengl_projection_matrix(),
-                                    renderer=pb.ER_TINY_RENDERER, physicsClientId=self._cid)
+        cam, near = self._camera_at(camera, width, height)
+        *_, seg = pb.getCameraImage(cam.width, cam.height, cam.opengl_view_matrix(),
+                                    cam.opengl_projection_matrix(near=near), renderer=pb.ER_TINY_RENDERER,
+                                    physicsClientId=self._cid)
         seg = np.reshape(np.asarray(seg), (cam.height, cam.width))
         bodies = {**self._cubes, "tray": self._tray}
         return {name: seg == body for name, body in bodies.items()}
+
+    def _camera_at(self, camera: str, width: int | None, height: int | None) -> tuple[PinholeCamera, float]:
+        """The named camera at the size asked for, and its near clipping distance (m)."""
+        if camera == "main":
+            cam, near = self.camera, 0.05
+        elif camera == "wrist":
+            cam, near = self.wrist_camera(), WRIST_CAMERA_NEAR_M
+        else:
+            raise ValueError(f"unknown camera {camera!r}; known: {', '.join(CAMERAS)}")
+        return cam.scaled(width or cam.width, height or cam.height), near
 
     def close(self) -> None:
         """Disconnect the physics server (idempotent)."""
@@ -476,6 +524,23 @@ class TabletopSim:
             pb.removeConstraint(self._grasp_cid, physicsClientId=self._cid)
         self._grasp_cid = None
         self._held = None
+
+
+def _wrist_mount(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The wrist camera's optical frame in the hand frame: position (3,) m and quaternion (w, x, y, z).
+
+    Image up is the direction from the gripper axis (hand z) towards the camera, so the fingers
+    appear at the bottom; a camera on the axis takes hand +x as up.
+    """
+    eye = np.asarray(config["sim.wrist_camera_position"], dtype=np.float64)
+    target = np.asarray(config["sim.wrist_camera_target"], dtype=np.float64)
+    side = np.array([eye[0], eye[1], 0.0])
+    up = side / np.linalg.norm(side) if np.linalg.norm(side) > 1e-6 else np.array([1.0, 0.0, 0.0])
+    try:
+        return eye, look_at(eye, target, up)
+    except CameraError as exc:
+        raise ValueError(f"sim.wrist_camera_position {eye.tolist()} / sim.wrist_camera_target {target.tolist()}: "
+                         f"{exc}") from None
 
 
 def _clip_norm(vec: np.ndarray, limit: float) -> np.ndarray:

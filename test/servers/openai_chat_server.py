@@ -2,14 +2,18 @@
 
 Checks what a real vLLM deployment would: the bearer key (env ``OPENAI_TEST_API_KEY``; 401 with
 vLLM's ``{"error": "Unauthorized"}`` body when wrong), the model name (404 otherwise), that the
-user message carries a decodable base64 data-URL image, and — with ``--guided-field`` — that the
+user message carries one or more (``--max-images``, vLLM's ``--limit-mm-per-prompt``) decodable
+base64 data-URL images and a text part, and — with ``--guided-field`` — that the
 request carries the structured-output regex in that field (400 otherwise). Its answer is number
 text derived from the image ("0 <mean> 128 128 128 128 128 255"), and it refuses (400) to send an
 answer its own guided regex does not fully match (``re.fullmatch``), as constrained decoding would
 never emit one.
 
 Prompts containing "sleep:<seconds>", "no-choices" or "null-content" select failure modes. Each
-request is summarised as one JSON line in ``--log``. Prints "READY <port>" once listening.
+request is summarised as one JSON line in ``--log``: the prompt (the last text part), every text
+part, and per image its label (the text part just before it, if any), MIME type, decoded shape,
+dtype and centre pixel; ``mime``/``shape`` repeat the first image's. Prints "READY <port>" once
+listening.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
     parser.add_argument("--model", default="rt2-test")
+    parser.add_argument("--max-images", type=int, default=8, help="images per request (vLLM --limit-mm-per-prompt)")
     parser.add_argument("--guided-field", choices=("structured_outputs", "guided_regex", "none"),
                         default="structured_outputs")
     args = parser.parse_args()
@@ -70,11 +75,25 @@ def main() -> None:
                 return
             try:
                 content = request["messages"][0]["content"]
-                url = next(p["image_url"]["url"] for p in content if p["type"] == "image_url")
-                prompt = next(p["text"] for p in content if p["type"] == "text")
-                header, b64 = url.split(",", 1)
-                mime = header.removeprefix("data:").removesuffix(";base64")
-                image = decode_image(base64.b64decode(b64, validate=True))
+                images, texts, label = [], [], None
+                for part in content:
+                    if part["type"] == "text":
+                        texts.append(part["text"])
+                        label = part["text"]
+                    elif part["type"] == "image_url":
+                        header, b64 = part["image_url"]["url"].split(",", 1)
+                        mime = header.removeprefix("data:").removesuffix(";base64")
+                        images.append((mime, decode_image(base64.b64decode(b64, validate=True)), label))
+                        label = None
+                    else:
+                        raise ValueError(f"unknown content part type {part['type']!r}")
+                if not images or not texts:
+                    raise ValueError(f"{len(images)} images and {len(texts)} text parts")
+                if len(images) > args.max_images:
+                    raise ValueError(f"{len(images)} images, this server takes at most {args.max_images} "
+                                     f"(vLLM --limit-mm-per-prompt)")
+                prompt = texts[-1]  # the instruction prompt comes last, after the images and their labels
+                mime, image = images[0][0], images[0][1]
             except Exception as exc:
                 self._error(400, f"bad message content: {exc!r}")
                 return
@@ -86,6 +105,10 @@ def main() -> None:
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({
                     "prompt": prompt, "mime": mime, "shape": list(image.shape), "regex": regex,
+                    "n_images": len(images), "texts": texts,
+                    "images": [{"label": lab, "mime": m, "shape": list(img.shape), "dtype": str(img.dtype),
+                                "centre": img[img.shape[0] // 2, img.shape[1] // 2].tolist()}
+                               for m, img, lab in images],
                     "temperature": request.get("temperature"), "max_tokens": request.get("max_tokens"),
                     "extra_keys": sorted(k for k in request if k not in ("model", "messages"))}) + "\n")
             if args.guided_field != "none" and not regex:

@@ -8,7 +8,8 @@ and answering a bare 7-float array, or the JSON string "error" with HTTP 200 on 
 The action is a deterministic function of the request so tests can check it: [image mean / 255,
 height / 1000, width / 1000, len(instruction) / 100, index of unnorm_key, 0, 1]. An instruction
 "sleep:<seconds>" delays the answer (slow-server tests). Each request is summarised as one JSON
-line in ``--log`` (written before the reply). Prints "READY <port>" once listening.
+line in ``--log`` (written before the reply): keys, image shape, dtype and centre pixel,
+instruction, unnorm_key. Prints "READY <port>" once listening.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from fastapi.responses import JSONResponse
 json_numpy.patch()
 
 
+def centre_pixel(image: Any) -> list | None:
+    """The centre pixel of an HxWx3 array (survives resizing of a uniform test frame), else None."""
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.size:
+        return image[image.shape[0] // 2, image.shape[1] // 2].tolist()
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
@@ -45,6 +53,7 @@ def main() -> None:
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"keys": sorted(payload), "shape": list(np.shape(image)),
                                     "dtype": str(getattr(image, "dtype", type(image).__name__)),
+                                    "centre": centre_pixel(image),
                                     "instruction": instruction, "unnorm_key": unnorm_key}) + "\n")
             if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3):
                 raise TypeError("image must be a uint8 HxWx3 array")

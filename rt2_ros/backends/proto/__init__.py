@@ -17,10 +17,17 @@ from types import ModuleType
 
 _log = logging.getLogger("rt2_ros.backends.proto")
 
-#: bumped on a breaking change to policy.proto (reported by GetInfo)
-PROTOCOL_VERSION = 1
+#: bumped on a breaking change to policy.proto (reported by GetInfo), together with its package name
+PROTOCOL_VERSION = 2
 #: full gRPC service name, also the name its health status is registered under
-SERVICE_NAME = "rt2_ros.policy.v1.Policy"
+SERVICE_NAME = f"rt2_ros.policy.v{PROTOCOL_VERSION}.Policy"
+#: trailing metadata key of a refusal for a protocol-version mismatch; the value is the refusing side's version
+VERSION_TRAILER = "rt2_ros-protocol-version"
+
+
+def service_name(version: int) -> str:
+    """The gRPC service name of protocol ``version`` (its package name embeds the version)."""
+    return f"rt2_ros.policy.v{version}.Policy"
 
 
 def load() -> tuple[ModuleType, ModuleType]:
@@ -49,7 +56,11 @@ def load() -> tuple[ModuleType, ModuleType]:
     except ImportError as exc:
         raise ImportError(f"cannot import the generated rt2_ros gRPC code ({exc}); "
                           "run `python -m rt2_ros.grpc_codegen`") from exc
+    package = policy_pb2.DESCRIPTOR.package
+    if f"{package}.Policy" != SERVICE_NAME:  # e.g. v1 code left in an install whose .proto is gone
+        raise ImportError(f"the generated rt2_ros gRPC code is for {package}, this rt2_ros speaks {SERVICE_NAME}; "
+                          "run `python -m rt2_ros.grpc_codegen`")
     return policy_pb2, policy_pb2_grpc
 
 
-__all__ = ["PROTOCOL_VERSION", "SERVICE_NAME", "load"]
+__all__ = ["PROTOCOL_VERSION", "SERVICE_NAME", "VERSION_TRAILER", "load", "service_name"]
