@@ -309,16 +309,12 @@ class PolicyCore:
             return None  # never send the same frame twice: wait for a new one
         age = frame.age(now)
         if age > self.cameras[0].age_bound(self.config.max_frame_age_s):
-            if self._blocked_frame_stamp != frame.stamp:  # once per frame, not per poll
-                self._blocked_frame_stamp = frame.stamp
-                self.counters["frames_stale"] += 1
+            self._count_blocked(frame, "frames_stale")
             return None
         chosen, blocked = align(self.cameras, {n: FrameInfo(f.stamp, f.age(now)) for n, f in self._frames.items()},
                                 self.config.max_frame_age_s)
         if blocked:
-            if self._blocked_frame_stamp != frame.stamp:  # once per primary frame, not per poll
-                self._blocked_frame_stamp = frame.stamp
-                self.counters[f"frames_{blocked}"] += 1
+            self._count_blocked(frame, f"frames_{blocked}")
             return None
         self._seq += 1
         state = self.fresh_state(now)
@@ -335,6 +331,12 @@ class PolicyCore:
         self._last_request_at = now
         self.counters["requests_sent"] += 1
         return req
+
+    def _count_blocked(self, frame: _Frame, counter: str) -> None:
+        """Count a primary frame that cannot go out once, not at every poll that finds it blocked."""
+        if self._blocked_frame_stamp != frame.stamp:
+            self._blocked_frame_stamp = frame.stamp
+            self.counters[counter] += 1
 
     def _next_on_grid(self, due: float, now: float) -> float:
         """The next due time one period after ``due``; re-anchored at ``now`` once behind by half a period
