@@ -106,7 +106,7 @@ DEFAULT_QOS: dict[str, str] = {
     "/target_pose": "command",
     "/ee_pose": "sensor_data",
     "/gripper_command": "command",
-    "/estop": "latched",
+    "/estop": "sensor_data",  # best effort: records an e-stop from a writer of any QoS
     "/joint_states": "sensor_data",
 }
 

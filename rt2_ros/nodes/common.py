@@ -72,6 +72,17 @@ COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=R
 # node must not pick up an old instruction or episode and resume a task nobody asked for now.
 EVENT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.VOLATILE)
+# E-stop readers, one per kind of writer, because DDS only matches a reader whose requests the writer
+# meets: transient-local gets the last value of a latched writer (a button held before this node
+# started), reliable-volatile matches a writer of the ROS default QoS, best-effort matches a
+# sensor-QoS writer. A reliable writer matches several of them; latching is idempotent.
+ESTOP_QOS = (
+    LATCHED_QOS,
+    QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+               durability=DurabilityPolicy.VOLATILE),
+    QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.BEST_EFFORT,
+               durability=DurabilityPolicy.VOLATILE),
+)
 # Topics created with this accept the standard qos_overrides.<topic>.<entity>.<policy> parameters.
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 

@@ -33,6 +33,7 @@ from collections import Counter, deque
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseStamped, TwistStamped
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Bool, ColorRGBA, Float64
@@ -45,6 +46,7 @@ from rt2_ros.nodes.common import (
     ACTION_QOS,
     AUTOSTART_PARAM,
     COMMAND_QOS,
+    ESTOP_QOS,
     EVENT_QOS,
     LATCHED_QOS,
     QOS_OVERRIDES,
@@ -182,8 +184,11 @@ class SafetyNode(LifecycleNode):
         sub(EpisodeMsg, "episode", hold_on_error(self._on_episode), EVENT_QOS)
         sub(PoseStamped, "ee_pose", hold_on_error(self._on_pose), qos_profile_sensor_data,
             qos_overriding_options=QOS_OVERRIDES)
-        sub(Bool, "estop", guarded(self, "estop", self._estop_on_error, self.errors)(self._on_estop_topic),
-            LATCHED_QOS)
+        on_estop = guarded(self, "estop", self._estop_on_error, self.errors)(self._on_estop_topic)
+        # A writer is incompatible with some of the readers by design: no warning for that.
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
+        for qos in ESTOP_QOS:
+            sub(Bool, "estop", on_estop, qos, event_callbacks=quiet)
         srv = self._owned.service
         srv(Trigger, "~/estop", guarded(self, "estop service", self._estop_on_error, self.errors)(self._on_estop_srv))
         srv(Trigger, "~/reset", hold_on_error(self._on_reset_srv))
@@ -393,10 +398,12 @@ class SafetyNode(LifecycleNode):
 
     def _estop(self, why: str) -> None:
         assert self.filter is not None
+        already = self.filter.state is SafetyState.ESTOPPED
         self.filter.estop(why)
         self._publish_hold()
-        self.get_logger().error(f"E-STOP latched ({why}); call ~/reset to release")
-        self._publish_status()
+        if not already:  # one press reaches several estop readers (ESTOP_QOS): log the latch once
+            self.get_logger().error(f"E-STOP latched ({why}); call ~/reset to release")
+            self._publish_status()
 
     def _on_estop_srv(self, request, response):
         self._estop("estop service")
