@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +78,7 @@ POLICY_PARAMS: tuple[ParamSpec, ...] = (
 
 #: the part of a period by which a release or request may come early (timer and reply jitter)
 _EARLY_FRACTION = 0.25
+_FORGOTTEN_KEPT = 64  # forgotten requests remembered to count a straggling reply by its cause
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,9 @@ class PolicyCore:
         self._blocked_frame_stamp: float | None = None  # primary frame already counted as blocked
         self._state: dict[str, _StatePiece] = {}
         self._in_flight: dict[int, Request] = {}
+        # Requests forgotten before their reply (instruction changed, abandoned at the deadline): seq ->
+        # (drop reason, detail, sent at), so a straggling reply is counted by its real cause.
+        self._forgotten: OrderedDict[int, tuple[str, str, float]] = OrderedDict()
         self._queue: deque[_Queued] = deque()
         self._step = 0
         self._next_request_at = -math.inf  # monotonic; requests are paced at the execute rate
@@ -226,7 +230,9 @@ class PolicyCore:
         self.episode_id += 1
         self.finished = False
         self._queue.clear()
-        self._in_flight.clear()  # replies to old requests will be dropped as stale
+        for seq, req in self._in_flight.items():
+            self._forget(seq, req, "stale_episode", "instruction changed while the request was in flight")
+        self._in_flight.clear()
         return self.episode_id
 
     def stop(self) -> None:
@@ -290,9 +296,14 @@ class PolicyCore:
         """Forget requests past their deadline (their replies, if any, count as late)."""
         overdue = [s for s, r in self._in_flight.items() if now - r.sent_at > self.config.backend_timeout_s + 0.5]
         for s in overdue:
-            del self._in_flight[s]
+            self._forget(s, self._in_flight.pop(s), "late", "answered after its request was abandoned at the deadline")
             self.counters["requests_abandoned"] += 1
         return overdue
+
+    def _forget(self, seq: int, req: Request, reason: str, detail: str) -> None:
+        self._forgotten[seq] = (reason, detail, req.sent_at)
+        while len(self._forgotten) > _FORGOTTEN_KEPT:
+            self._forgotten.popitem(last=False)
 
     def next_request(self, now: float) -> Request | None:
         """The observation to send now, or None (nothing to do, busy, or no fresh frame)."""
@@ -305,9 +316,11 @@ class PolicyCore:
         frame = self._frames.get(self.primary_camera)
         if frame is None:
             return None
-        if frame.stamp == self._last_sent_frame_stamp:
-            return None  # never send the same frame twice: wait for a new one
         age = frame.age(now)
+        if frame.stamp == self._last_sent_frame_stamp:  # never send the same frame twice: wait for a new one
+            if age > self.cameras[0].age_bound(self.config.max_frame_age_s):
+                self._count_blocked(frame, "frames_stale")  # the camera stopped after its last frame went out
+            return None
         if age > self.cameras[0].age_bound(self.config.max_frame_age_s):
             self._count_blocked(frame, "frames_stale")
             return None
@@ -350,7 +363,11 @@ class PolicyCore:
         """Match a reply (or the error of its request) to its request and queue its actions."""
         req = self._in_flight.pop(seq, None)
         if req is None:
-            return self._drop(seq, "unknown_seq", "reply to an abandoned or earlier request", reply)
+            forgotten = self._forgotten.pop(seq, None)
+            if forgotten is not None:
+                reason, detail, sent_at = forgotten
+                return self._drop(seq, reason, detail, reply, now - sent_at)
+            return self._drop(seq, "unknown_seq", "reply to no request of this node", reply)
         latency = now - req.sent_at
         self.last_latency_s = latency
         if error is not None:

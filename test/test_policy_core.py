@@ -87,6 +87,19 @@ def test_same_frame_is_never_sent_twice_and_stale_frames_are_not_sent():
     assert core.counters["frames_stale"] == 1
 
 
+def test_a_camera_that_stops_after_its_last_frame_was_sent_is_counted_stale_once():
+    core = make_core()  # max_frame_age_s 0.3
+    core.set_instruction("pick")
+    r = send(core, 0.0, stamp=5.0)
+    answer(core, r, 0.05)
+    for t in (0.1, 0.2, 0.25):  # the sent frame is still young: nothing to count, nothing to send
+        assert core.next_request(t) is None
+    assert core.counters["frames_stale"] == 0
+    for t in (0.4, 0.5, 1.0, 2.0):  # no new frame: stale, counted once for that frame
+        assert core.next_request(t) is None
+    assert core.counters["frames_stale"] == 1 and core.camera_stale(2.0)
+
+
 def test_late_reply_is_dropped():
     core = make_core()
     core.set_instruction("pick")
@@ -102,7 +115,8 @@ def test_reply_to_previous_episode_is_dropped():
     r = send(core, 0.0)
     core.set_instruction("second")
     out = answer(core, r, 0.1)
-    assert not out.accepted and out.reason == "unknown_seq"  # the in-flight request was cancelled
+    assert not out.accepted and out.reason == "stale_episode"  # the in-flight request was cancelled
+    assert core.counters["replies_dropped_stale_episode"] == 1 and core.counters["replies_dropped_unknown_seq"] == 0
     assert core.pop_action(0.1) is None
 
 
@@ -115,8 +129,9 @@ def test_abandoned_request_reply_is_dropped_and_a_new_request_goes_out():
     r2 = send(core, 2.0)
     assert r2 is not None
     late = answer(core, r1, 2.1)
-    assert not late.accepted and late.reason == "unknown_seq"
+    assert not late.accepted and late.reason == "late"
     assert answer(core, r2, 2.1).accepted
+    assert answer(core, r2, 2.2).reason == "unknown_seq"  # answered twice: the second matches no request
 
 
 @pytest.mark.parametrize("answer_text, reason", [
