@@ -12,7 +12,12 @@ model whether it runs on the robot or here.
 Security model (see docs/grpc.md):
 
 * Binds to 127.0.0.1 by default: a policy server drives a robot arm, so it must never be
-  reachable from the network by accident without authentication. Exposing it is a flag.
+  reachable from the network by accident without authentication. On any other ``--host`` it
+  refuses to start without TLS and client authentication (a token or ``--client-ca``) unless
+  ``--insecure``. TLS files are parsed at start-up (and the key checked against the certificate).
+* ``--max-calls-per-client``: concurrent calls per client host; above it RESOURCE_EXHAUSTED at once.
+  Refused calls (auth, that limit, protocol version) are counted in the summary line and logged at
+  a bounded rate (:class:`RefusalLog`), so a flood of bad calls cannot flood the log.
 * ``--token-file``: every call must carry ``authorization: Bearer <token>``; a server
   interceptor checks it with a constant-time compare (no timing oracle). A token over
   plaintext leaks to anyone on the path, so a token without TLS is refused unless
@@ -54,6 +59,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -69,6 +75,7 @@ from rt2_ros import __version__, imaging
 from rt2_ros.actions import BackendReply, Observation
 from rt2_ros.backends import BACKENDS, Backend, BackendConfigError, BackendError, BackendTimeout, create_backend
 from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, VERSION_TRAILER, load
+from rt2_ros.backends.transport_security import is_loopback, load_ca_bundle, load_cert_and_key, read_file
 from rt2_ros.params import ConfigError, flatten, resolve
 
 pb, pb_grpc = load()
@@ -82,6 +89,10 @@ MAX_CAMERAS = 16  # per observation: each may decode to --max-image-pixels
 MAX_CAMERA_NAME = 128  # characters
 MAX_STATE_VALUES = 256  # per joint vector
 DEFAULT_MAX_REPLY_BYTES = 1024 * 1024  # an answer (text, 8 ids, an action chunk) needs a few kB
+# A robot holds one stream or one unary call at a time; a reconnect may overlap the old stream
+# briefly and a health probe is not counted: 4 leaves room for that, not for a flood.
+DEFAULT_MAX_CALLS_PER_CLIENT = 4
+_PEERS_REMEMBERED = 1024  # peers whose refusals are tracked for the log rate limit
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's message size options are int32
 # any version's service: rt2_ros.policy.v<N>.Policy (the package name embeds the protocol version)
 _PROTOCOL_METHOD = re.compile(r"^/rt2_ros\.policy\.v(\d+)\.Policy/(\w+)$")
@@ -331,6 +342,8 @@ class ServeConfig:
     cameras: tuple[str, ...] = ()  # cameras the hosted model needs, its primary first; () = any
     summary_interval_s: float = 30.0
     grace_s: float = 2.0  # s given to running calls at shutdown
+    max_calls_per_client: int = DEFAULT_MAX_CALLS_PER_CLIENT
+    refusal_log_interval_s: float = 10.0  # s between log lines about one peer's refused calls
 
 
 def request_bytes_cap(config: ServeConfig) -> int:
@@ -355,6 +368,12 @@ class _Stats:
         self._since = now
         self._ok = self._errors = 0
         self._total_s = self._max_s = 0.0
+        self._refused: Counter[str] = Counter()
+
+    def refused(self, why: str) -> None:
+        """Count a call refused before it reached the model (auth, per-client limit, protocol version)."""
+        with self._lock:
+            self._refused[why] += 1
 
     def record(self, ok: bool, inference_s: float) -> None:
         now = time.monotonic()
@@ -374,23 +393,82 @@ class _Stats:
 
     def _line(self, now: float) -> str:
         mean_ms = 1000 * self._total_s / self._ok if self._ok else 0.0
-        return (f"last {now - self._since:.0f} s: {self._ok} answered, {self._errors} failed; "
+        refused = "".join(f", {n} refused ({why})" for why, n in sorted(self._refused.items()))
+        return (f"last {now - self._since:.0f} s: {self._ok} answered, {self._errors} failed{refused}; "
                 f"inference mean {mean_ms:.1f} ms, max {1000 * self._max_s:.1f} ms")
 
     def flush(self) -> None:
         with self._lock:
-            if self._ok or self._errors:
+            if self._ok or self._errors or self._refused:
                 _log.info(self._line(time.monotonic()))
             self._reset(time.monotonic())
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> grpc.RpcMethodHandler | None:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string ("ipv4:10.0.0.5:40000" -> "10.0.0.5", "ipv6:[::1]:5" -> "::1");
+    one robot may open several connections, so limits and logs go by host, not by connection."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return kind or peer  # unix sockets and the like: one local peer
+
+
+class RefusalLog:
+    """Counts refused calls and logs them at a bounded rate: a peer's first refusal is logged, then
+    at most one line per peer every ``interval_s`` saying how many were refused since, so a flood
+    of bad calls cannot flood the log."""
+
+    def __init__(self, stats: _Stats, interval_s: float) -> None:
+        self._stats = stats
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._peers: OrderedDict[tuple[str, str], list[float | int]] = OrderedDict()  # -> [last logged, unlogged]
+        self.total: Counter[str] = Counter()
+
+    def record(self, why: str, peer: str, method: str, reason: str) -> None:
+        self._stats.refused(why)
+        now = time.monotonic()
+        host = peer_host(peer)
+        with self._lock:
+            self.total[why] += 1
+            entry = self._peers.get((host, why))
+            if entry is not None and now - entry[0] < self._interval_s:
+                entry[1] += 1
+                return
+            suppressed = entry[1] if entry is not None else 0
+            self._peers[(host, why)] = [now, 0]
+            self._peers.move_to_end((host, why))
+            while len(self._peers) > _PEERS_REMEMBERED:
+                self._peers.popitem(last=False)
+        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
+        _log.warning("refused %s from %s: %s%s", method, peer, reason, more)
+
+
+def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]
+                       ) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour function replaced by ``wrap(behaviour, response_streaming)``."""
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    for attr, make in kinds:
+        behaviour = getattr(handler, attr)
+        if behaviour is not None:
+            return make(wrap(behaviour, handler.response_streaming), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+def _deny(handler: grpc.RpcMethodHandler | None, method: str, reason: str, refusals: RefusalLog
+          ) -> grpc.RpcMethodHandler | None:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED (counted, rate-limited log)."""
     if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
         return None
 
     def abort(_request: Any, context: grpc.ServicerContext) -> None:
-        _log.warning("refused %s from %s: %s", method, context.peer(), reason)
+        refusals.record("auth", context.peer(), method, reason)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     if handler.request_streaming and handler.response_streaming:
@@ -402,11 +480,80 @@ def _deny(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> gr
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
+class PerClientLimit(grpc.ServerInterceptor):
+    """At most ``limit`` concurrent calls per client host (health checks excepted); one more is
+    answered RESOURCE_EXHAUSTED at once. The slot is released when the call ends however it ends
+    (answered, failed, cancelled, deadline, client gone): by the call's termination callback, and
+    by the behaviour's own exit, whichever comes first."""
+
+    def __init__(self, limit: int, refusals: RefusalLog) -> None:
+        self._limit = limit
+        self._refusals = refusals
+        self._lock = threading.Lock()
+        self._calls: Counter[str] = Counter()
+
+    def in_flight(self, host: str) -> int:
+        with self._lock:
+            return self._calls[host]
+
+    def _acquire(self, context: grpc.ServicerContext, method: str) -> Callable[[], None]:
+        host = peer_host(context.peer())
+        with self._lock:
+            admitted = self._calls[host] < self._limit
+            if admitted:
+                self._calls[host] += 1
+        if not admitted:
+            reason = f"more than {self._limit} concurrent calls from {host} (rt2-serve --max-calls-per-client)"
+            self._refusals.record("per-client limit", context.peer(), method, reason)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                self._calls[host] -= 1
+                if self._calls[host] <= 0:
+                    del self._calls[host]
+
+        context.add_callback(release)
+        return release
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
+                          ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        method = details.method
+
+        def wrap(behaviour: Callable, streaming: bool) -> Callable:
+            if streaming:
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    release = self._acquire(context, method)
+                    try:
+                        yield from behaviour(request, context)
+                    finally:
+                        release()
+                return stream
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                release = self._acquire(context, method)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    release()
+            return unary
+
+        return _replace_behaviour(handler, wrap)
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses every call (health checks excepted) without ``authorization: Bearer <token>``."""
 
-    def __init__(self, token: bytes) -> None:
+    def __init__(self, token: bytes, refusals: RefusalLog) -> None:
         self._token = token
+        self._refusals = refusals
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
                           ) -> grpc.RpcMethodHandler | None:
@@ -414,12 +561,12 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return continuation(details)
         presented = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
         if presented is None:
-            return _deny(continuation(details), details.method, "missing bearer token")
+            return _deny(continuation(details), details.method, "missing bearer token", self._refusals)
         scheme, _, credential = str(presented).partition(" ")
         # compare_digest: the time taken does not depend on where the strings differ
         if scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), self._token):
             return continuation(details)
-        return _deny(continuation(details), details.method, "invalid bearer token")
+        return _deny(continuation(details), details.method, "invalid bearer token", self._refusals)
 
 
 def version_refusal(theirs: int) -> str:
@@ -439,6 +586,9 @@ class OtherVersionHandler(grpc.GenericRpcHandler):
     The trailing metadata ``rt2_ros-protocol-version`` lets a client word the refusal itself.
     """
 
+    def __init__(self, refusals: RefusalLog) -> None:
+        self._refusals = refusals
+
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         match = _PROTOCOL_METHOD.match(handler_call_details.method)
         if match is None or int(match.group(1)) == PROTOCOL_VERSION:
@@ -447,8 +597,8 @@ class OtherVersionHandler(grpc.GenericRpcHandler):
         message = version_refusal(theirs)
 
         def refuse(_request: Any, context: grpc.ServicerContext) -> None:
-            _log.warning("refused %s from %s: protocol v%d, this server v%d", handler_call_details.method,
-                         context.peer(), theirs, PROTOCOL_VERSION)
+            self._refusals.record("protocol version", context.peer(), handler_call_details.method,
+                                  f"protocol v{theirs}, this server v{PROTOCOL_VERSION}")
             context.set_trailing_metadata(((VERSION_TRAILER, str(PROTOCOL_VERSION)),))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
@@ -475,7 +625,11 @@ class PolicyServer:
             server_version=__version__, cameras=list(config.cameras))
         self._model_lock = threading.Lock()  # one inference at a time: models are not re-entrant
         self._stats = _Stats(config.summary_interval_s)
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        self.refusals = RefusalLog(self._stats, config.refusal_log_interval_s)
+        # the token is checked first: an unauthenticated caller never takes one of a client's slots
+        self.client_limit = PerClientLimit(config.max_calls_per_client, self.refusals)
+        interceptors = ([BearerTokenInterceptor(config.token, self.refusals)] if config.token else []) + \
+            [self.client_limit]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rt2-serve"),
             interceptors=interceptors,
@@ -489,7 +643,7 @@ class PolicyServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients ping every 30 s
             ])
         pb_grpc.add_PolicyServicer_to_server(_Servicer(self), self._server)
-        self._server.add_generic_rpc_handlers((OtherVersionHandler(),))
+        self._server.add_generic_rpc_handlers((OtherVersionHandler(self.refusals),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
@@ -637,7 +791,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ca", help="PEM CA bundle; clients must present a certificate it signed (mTLS)")
     p.add_argument("--token-file", help="file with the bearer token every call must carry")
     p.add_argument("--allow-insecure-token", action="store_true",
-                   help="accept --token-file without TLS (only behind a TLS-terminating proxy)")
+                   help="accept --token-file without TLS (only behind a TLS-terminating proxy on this machine)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve on a non-loopback --host without TLS and client authentication: anyone who can "
+                        "reach the port can then drive the policy and see the camera (isolated networks only)")
+    p.add_argument("--max-calls-per-client", type=int, default=DEFAULT_MAX_CALLS_PER_CLIENT, metavar="N",
+                   help="concurrent calls one client host may hold (health checks not counted); more are "
+                        f"refused with RESOURCE_EXHAUSTED (default {DEFAULT_MAX_CALLS_PER_CLIENT})")
     p.add_argument("--image-size", metavar="WxH", help="image size the model expects, advertised to clients so "
                    "they resize every camera image before sending (e.g. 224x224)")
     p.add_argument("--cameras", metavar="NAME[,NAME...]",
@@ -659,19 +819,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read(flag: str, path: str | None, *, secret: bool = False) -> bytes | None:
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot read {str(p)!r} ({exc.strerror or exc})") from None
-    if secret and os.name == "posix" and p.stat().st_mode & 0o077:
-        _log.warning("%s: %s is readable by other users; chmod 600 it", flag, p)
-    return data
-
-
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Validate the security flags and read their files; ConfigError naming the flag otherwise."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -681,10 +828,19 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.token_file and not args.tls_cert and not args.allow_insecure_token:
         raise ConfigError("--token-file without TLS would send the token in clear text; add --tls-cert/--tls-key, "
                           "or --allow-insecure-token if a TLS-terminating proxy sits in front")
+    if not is_loopback(args.host) and not args.insecure and not (args.tls_cert and (args.token_file or args.client_ca)):
+        missing = " and ".join(m for m, absent in (
+            ("TLS (--tls-cert/--tls-key)", not args.tls_cert),
+            ("client authentication (--token-file or --client-ca)", not (args.token_file or args.client_ca)))
+            if absent)
+        raise ConfigError(f"--host {args.host} is reachable from other machines, so rt2-serve needs {missing} there: "
+                          "otherwise anyone who can reach the port can drive the policy and see the camera. Serve "
+                          "on 127.0.0.1 behind an SSH tunnel or proxy, or pass --insecure on an isolated network")
+    if args.max_calls_per_client < 1:
+        raise ConfigError("--max-calls-per-client must be >= 1")
     token = None
     if args.token_file:
-        raw = _read("--token-file", args.token_file, secret=True) or b""
-        token = raw.strip()
+        token = read_file("--token-file", args.token_file, secret=True).strip()
         if not token or any(c in token for c in b" \t\r\n"):
             raise ConfigError(f"--token-file: {args.token_file!r} must hold one non-empty line without spaces")
     image_size = None
@@ -717,9 +873,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-reply-bytes", args.max_reply_bytes)):
         if value is not None and not 1024 <= value <= _GRPC_MAX_MESSAGE:
             raise ConfigError(f"{flag}: {value} is not between 1024 and {_GRPC_MAX_MESSAGE} bytes")
-    return ServeConfig(host=args.host, port=args.port, tls_cert=_read("--tls-cert", args.tls_cert),
-                       tls_key=_read("--tls-key", args.tls_key, secret=True),
-                       client_ca=_read("--client-ca", args.client_ca), token=token, workers=args.workers,
+    tls_cert, tls_key = load_cert_and_key("--tls-cert", args.tls_cert, "--tls-key", args.tls_key) \
+        if args.tls_cert else (None, None)
+    client_ca = load_ca_bundle("--client-ca", args.client_ca) if args.client_ca else None
+    return ServeConfig(host=args.host, port=args.port, tls_cert=tls_cert, tls_key=tls_key,
+                       client_ca=client_ca, token=token, workers=args.workers,
+                       max_calls_per_client=args.max_calls_per_client,
                        infer_timeout_s=args.infer_timeout_s, max_image_pixels=args.max_image_pixels,
                        max_request_bytes=args.max_request_bytes, max_reply_bytes=args.max_reply_bytes,
                        image_size=image_size, cameras=cameras, summary_interval_s=args.summary_interval_s)
@@ -751,9 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         backend.close()
         print(f"rt2-serve: error: {exc}", file=sys.stderr)
         return 1
-    if config.token is None and config.client_ca is None and config.host not in ("127.0.0.1", "::1", "localhost"):
-        _log.warning("serving on %s without a token or client certificates: anyone who can reach this port can "
-                     "drive the policy; add --tls-cert/--tls-key and --token-file", config.host)
+    if not is_loopback(config.host) and not (config.tls_cert and (config.token or config.client_ca)):
+        _log.warning("--insecure: serving on %s without TLS and client authentication: anyone who can reach this "
+                     "port can drive the policy and see the camera", config.host)
     stop = threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

@@ -70,6 +70,11 @@ class Backend(abc.ABC):
         self.options = options
         self.tokenizer = tokenizer
 
+    @classmethod  # noqa: B027 - optional hook
+    def check_options(cls, options: dict) -> None:
+        """The start-up checks that need no file, server or model (validated ``options``, keys without
+        the prefix); ``rt2-bringup --check`` runs them too. BackendConfigError names the key."""
+
     @abc.abstractmethod
     def infer(self, observation: Observation, timeout_s: float) -> BackendReply:
         """Answer one observation within ``timeout_s`` or raise BackendError/BackendTimeout."""
@@ -124,6 +129,15 @@ def max_reply_bytes_spec(prefix: str, what: str, high: int = 256 * 1024 * 1024) 
                      f"Largest reply accepted ({what}); a larger one fails the request (BackendError naming this "
                      f"key) before the rest of it is read. An answer needs a few kB.",
                      "bytes", low=1024, high=high)
+
+
+def allow_plaintext_spec(prefix: str) -> ParamSpec:
+    """The ``allow_plaintext`` option of a network backend (see transport_security.check_plaintext)."""
+    return ParamSpec(prefix + "allow_plaintext", "bool", False,
+                     "Allow an unencrypted connection to another machine. Without it such a server is refused at "
+                     "start-up: anyone on the network path could read the camera images and answer with actions. "
+                     "Set it only when the path is protected otherwise (SSH tunnel, TLS-terminating proxy, a "
+                     "dedicated cable); loopback needs no TLS.")
 
 
 def time_left(deadline: float) -> float:
@@ -209,7 +223,9 @@ def credential_specs(prefix: str, *, key_use: str, scheme: str, secret: str = "A
         ParamSpec(prefix + "api_key_file", "string", "",
                   f"Path of a file holding that {secret} (alternative to api_key_env; chmod 600)."),
         ParamSpec(prefix + "ca_cert_file", "string", "",
-                  f"PEM CA bundle to verify {scheme}:// servers with a private CA; empty = system CAs."),
+                  f"PEM CA bundle to verify {scheme}:// servers with a private CA; empty = system CAs. Parsed at "
+                  "start-up."),
+        allow_plaintext_spec(prefix),
     )
 
 

@@ -44,16 +44,12 @@ its answer to the older ``GetInfo``, a newer one says so itself (FAILED_PRECONDI
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import math
-import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -68,10 +64,12 @@ from rt2_ros.backends.base import (
     BackendConfigError,
     BackendError,
     BackendTimeout,
+    allow_plaintext_spec,
     max_reply_bytes_spec,
     snippet,
 )
 from rt2_ros.backends.proto import PROTOCOL_VERSION, SERVICE_NAME, VERSION_TRAILER, load, service_name
+from rt2_ros.backends.transport_security import check_plaintext, load_ca_bundle, load_cert_and_key, read_file
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -103,6 +101,7 @@ OPTIONS: tuple[ParamSpec, ...] = (
               "file holding the bearer token sent as 'authorization: Bearer ...'; empty = no token"),
     ParamSpec(_P + "allow_insecure_token", "bool", False,
               "send the token without TLS (only through an SSH tunnel or a TLS-terminating proxy)"),
+    allow_plaintext_spec(_P),
     ParamSpec(_P + "server_name_override", "string", "",
               "TLS: the name to check the server certificate against instead of the target host"),
     ParamSpec(_P + "connect_timeout_s", "double", 5.0,
@@ -129,21 +128,9 @@ class ProtocolMismatch(BackendError):
     """The server speaks another rt2_ros protocol version; the message says which side to upgrade."""
 
 
-def _read_file(key: str, path: str, *, secret: bool = False) -> bytes:
-    """Contents of the file named by option ``key``; BackendConfigError naming the key otherwise."""
-    p = Path(path).expanduser()
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise BackendConfigError(f"{key}: cannot read {str(p)!r} ({exc.strerror or exc})") from None
-    if secret and os.name == "posix" and p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        _log.warning("%s: %s is readable by other users; chmod 600 it", key, p)
-    return data
-
-
 def read_token(key: str, path: str) -> str:
     """The bearer token in ``path`` (surrounding whitespace stripped). Never logged."""
-    token = _read_file(key, path, secret=True).decode("utf-8", errors="strict").strip()
+    token = read_file(key, path, secret=True).decode("utf-8", errors="strict").strip()
     if not token:
         raise BackendConfigError(f"{key}: {path!r} is empty")
     if any(c.isspace() for c in token) or not token.isprintable():
@@ -159,17 +146,6 @@ def target_host(target: str) -> str | None:
     if rest.startswith("["):
         return rest[1:rest.find("]")] if "]" in rest else rest
     return rest.rsplit(":", 1)[0] if ":" in rest else rest
-
-
-def is_loopback(host: str | None) -> bool:
-    if host is None:  # unix socket: local by construction
-        return True
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def observation_to_proto(observation: Observation, image_encoding: str = "jpeg", jpeg_quality: int = 90,
@@ -389,6 +365,13 @@ class GrpcBackend(Backend):
     name = "grpc"
     OPTIONS = OPTIONS
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        if not options["tls"]:
+            target = options["target"].strip()
+            check_plaintext(_P + "allow_plaintext", f"grpc target {target}", target_host(target),
+                            options["allow_plaintext"])
+
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         super().__init__(options, tokenizer)
         o = options
@@ -408,6 +391,7 @@ class GrpcBackend(Backend):
             raise BackendConfigError(
                 f"{_P}token_file is set but {_P}tls is false: the token would travel in clear text; enable tls "
                 f"(or set {_P}allow_insecure_token: true behind an SSH tunnel or TLS-terminating proxy)")
+        self.check_options(o)
         self._has_token = token is not None
         # the token lives only in this tuple; it is never logged or put in an exception message
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -417,9 +401,6 @@ class GrpcBackend(Backend):
         self._lock = threading.Lock()  # guards the stream
         self._stream: _Stream | None = None
         self.server_info: Any | None = None  # pb.ServerInfo once fetched
-        if not self._tls and not is_loopback(target_host(self.target)):
-            _log.warning("grpc backend: %s is not on this machine and backend.grpc.tls is false: camera images "
-                         "and instructions travel in clear text", self.target)
         self._probe_at_start()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -446,9 +427,9 @@ class GrpcBackend(Backend):
             return grpc.insecure_channel(self.target, options=channel_options)
         if bool(o["client_cert"]) != bool(o["client_key"]):
             raise BackendConfigError(f"{_P}client_cert and {_P}client_key go together (mutual TLS); set both or none")
-        root = _read_file(_P + "ca_cert", o["ca_cert"]) if o["ca_cert"] else None
-        cert = _read_file(_P + "client_cert", o["client_cert"]) if o["client_cert"] else None
-        key = _read_file(_P + "client_key", o["client_key"], secret=True) if o["client_key"] else None
+        root = load_ca_bundle(_P + "ca_cert", o["ca_cert"]) if o["ca_cert"] else None
+        cert, key = load_cert_and_key(_P + "client_cert", o["client_cert"], _P + "client_key", o["client_key"]) \
+            if o["client_cert"] else (None, None)
         credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
         if o["server_name_override"]:
             channel_options.append(("grpc.ssl_target_name_override", o["server_name_override"]))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import ssl
 import time
@@ -61,6 +60,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
+from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -113,6 +113,10 @@ class OpenAICompatBackend(Backend):
                   "server's processor resizes anyway).", "px", low=0, high=4096),
     )
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        check_url_plaintext(_P, options["base_url"], "https", options)
+
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
@@ -132,16 +136,7 @@ class OpenAICompatBackend(Backend):
                                      f"{opts['image_label']!r} ({exc!r})") from None
         self._extra_body = _guided_body(opts["guided_decoding_field"], tokenizer.text_regex())
         key = load_secret(opts["api_key_env"], opts["api_key_file"], _P)
-        if key and parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-            _log.warning("%sapi key is sent unencrypted to %s; use https", _P, parts.netloc)
-        verify: ssl.SSLContext | bool = True
-        if opts["ca_cert_file"]:
-            if not os.path.isfile(opts["ca_cert_file"]):
-                raise BackendConfigError(f"{_P}ca_cert_file: no such file {opts['ca_cert_file']!r}")
-            try:
-                verify = ssl.create_default_context(cafile=opts["ca_cert_file"])
-            except (OSError, ssl.SSLError) as exc:
-                raise BackendConfigError(f"{_P}ca_cert_file: cannot load {opts['ca_cert_file']!r}: {exc}") from None
+        verify: ssl.SSLContext | bool = url_tls(_P, opts["base_url"], "https", opts) or True
         # An explicit key (or the "EMPTY" placeholder vLLM ignores) so the client never falls back to
         # OPENAI_API_KEY / OPENAI_BASE_URL from the environment behind the operator's back.
         self._client = openai.OpenAI(

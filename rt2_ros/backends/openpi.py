@@ -72,6 +72,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
+from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -191,6 +192,10 @@ class OpenPIBackend(Backend):
         ParamSpec(_P + "actions_key", "string", "actions", "Reply key of the (horizon, dim) action chunk."),
     )
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        check_url_plaintext(_P, options["url"], "wss", options)
+
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
@@ -201,19 +206,10 @@ class OpenPIBackend(Backend):
         if opts["reconnect_backoff_max_s"] < opts["reconnect_backoff_s"]:
             raise BackendConfigError(f"{_P}reconnect_backoff_max_s: must be >= {_P}reconnect_backoff_s")
         self._url: str = opts["url"]
-        self._ssl: ssl.SSLContext | None = None
-        if parts.scheme == "wss":
-            try:
-                self._ssl = ssl.create_default_context(cafile=opts["ca_cert_file"] or None)
-            except (OSError, ssl.SSLError) as exc:
-                raise BackendConfigError(f"{_P}ca_cert_file: cannot load {opts['ca_cert_file']!r}: {exc}") from None
-        elif opts["ca_cert_file"]:
-            raise BackendConfigError(f"{_P}ca_cert_file: only used with a wss:// url")
+        self._ssl: ssl.SSLContext | None = url_tls(_P, opts["url"], "wss", opts)
         key = load_secret(opts["api_key_env"], opts["api_key_file"], _P)
         # The key only lives in this header dict; it is never formatted into a message.
         self._headers: dict[str, str] | None = {"Authorization": f"Api-Key {key}"} if key else None
-        if key and parts.scheme == "ws" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-            _log.warning("%sapi key is sent unencrypted to %s; use wss:// or an ssh tunnel", _P, parts.netloc)
 
         self._packer = msgpack_numpy.Packer()
         self._lock = threading.Lock()  # one request in flight per connection (the protocol has no ids)

@@ -25,7 +25,6 @@ server answers "error").
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -53,6 +52,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
+from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -91,6 +91,10 @@ class OpenVLAHttpBackend(Backend):
                           "'Authorization: Bearer TOKEN')", scheme="https", secret="bearer token"),
     )
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        check_url_plaintext(_P, options["url"], "https", options)
+
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
@@ -98,8 +102,6 @@ class OpenVLAHttpBackend(Backend):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise BackendConfigError(f"{_P}url: expected http://host:port or https://host:port, got {opts['url']!r}")
-        if opts["ca_cert_file"] and not os.path.isfile(opts["ca_cert_file"]):
-            raise BackendConfigError(f"{_P}ca_cert_file: no such file {opts['ca_cert_file']!r}")
         self._act_url = f"{url}/act"
         self._cameras = check_camera_names([opts["camera"]], f"{_P}camera") if opts["camera"] else []
         self._image_size: int = opts["image_size"]
@@ -111,14 +113,7 @@ class OpenVLAHttpBackend(Backend):
         # deploy.py has no auth; a proxy in front of it may. Never log the token itself.
         if token:
             headers["Authorization"] = f"Bearer {token}"
-            if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-                _log.warning("%sapi key is sent over plain http to %s; use https or an ssh tunnel", _P, parts.netloc)
-        verify: ssl.SSLContext | bool = True
-        if opts["ca_cert_file"]:
-            try:
-                verify = ssl.create_default_context(cafile=opts["ca_cert_file"])
-            except (OSError, ssl.SSLError) as exc:
-                raise BackendConfigError(f"{_P}ca_cert_file: cannot load {opts['ca_cert_file']!r}: {exc}") from None
+        verify: ssl.SSLContext | bool = url_tls(_P, url, "https", opts) or True
         options = http_budget.client_options(verify)
         options["headers"].update(headers)
         self._client = httpx2.Client(**options)

@@ -24,8 +24,8 @@ from rt2_ros.backends.base import BackendConfigError
 
 _log = logging.getLogger(__name__)
 
-PLAINTEXT_RISK = ("camera images, instructions and the model's actions would travel unencrypted: anyone on the "
-                  "network path could read them or answer with actions")
+PLAINTEXT_RISK = ("anyone on the network path could read the camera images and instructions, or answer with "
+                  "actions")
 
 
 def is_loopback(host: str | None) -> bool:
@@ -53,12 +53,12 @@ def check_plaintext(key: str, where: str, host: str | None, allow_plaintext: boo
     if is_loopback(host):
         return
     if allow_plaintext:
-        _log.warning("%s is not on this machine and %s is true: %s (safe only through an SSH tunnel or a "
-                     "TLS-terminating proxy)", where, key, PLAINTEXT_RISK)
+        _log.warning("%s is not on this machine and unencrypted (%s: true): %s, unless an SSH tunnel, a "
+                     "TLS-terminating proxy or a dedicated cable protects the path", where, key, PLAINTEXT_RISK)
         return
     raise BackendConfigError(
-        f"{where} is not on this machine and the connection is not encrypted: {PLAINTEXT_RISK}. Use TLS, "
-        f"or reach it through an SSH tunnel (ssh -L) or a TLS-terminating proxy and set {key}: true")
+        f"{where} is not on this machine and the connection would be unencrypted: {PLAINTEXT_RISK}. Use TLS; "
+        f"or protect the path (SSH tunnel to a local port, TLS-terminating proxy) and set {key}: true")
 
 
 def read_file(key: str, path: str, *, secret: bool = False) -> bytes:
@@ -133,5 +133,26 @@ def client_ssl_context(ca_key: str, ca_path: str) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=load_ca_bundle(ca_key, ca_path).decode("ascii"))
 
 
-__all__ = ["PLAINTEXT_RISK", "check_plaintext", "client_ssl_context", "is_loopback", "load_ca_bundle",
-           "load_cert_and_key", "read_file", "url_host"]
+def check_url_plaintext(prefix: str, url: str, secure_scheme: str, options: dict) -> None:
+    """A URL backend's plaintext rule (option ``<prefix>allow_plaintext``): a URL that is not
+    ``secure_scheme`` (https, wss) must be on this machine or explicitly allowed."""
+    parts = urlsplit(url)
+    if parts.scheme != secure_scheme:
+        check_plaintext(prefix + "allow_plaintext", f"{prefix[:-1]} server {url}", parts.hostname,
+                        options["allow_plaintext"])
+
+
+def url_tls(prefix: str, url: str, secure_scheme: str, options: dict) -> ssl.SSLContext | None:
+    """The start-up checks of a URL backend (options ``<prefix>ca_cert_file`` and
+    ``<prefix>allow_plaintext``): the verifying context for a ``secure_scheme`` URL (https, wss), None
+    for a plaintext one (:func:`check_url_plaintext`)."""
+    if urlsplit(url).scheme == secure_scheme:
+        return client_ssl_context(prefix + "ca_cert_file", options["ca_cert_file"])
+    if options["ca_cert_file"]:
+        raise BackendConfigError(f"{prefix}ca_cert_file: only used with a {secure_scheme}:// url, got {url!r}")
+    check_url_plaintext(prefix, url, secure_scheme, options)
+    return None
+
+
+__all__ = ["PLAINTEXT_RISK", "check_plaintext", "check_url_plaintext", "client_ssl_context", "is_loopback",
+           "load_ca_bundle", "load_cert_and_key", "read_file", "url_host", "url_tls"]

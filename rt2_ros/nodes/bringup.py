@@ -316,6 +316,17 @@ def _check_policy(params: dict[str, Any], notes: list[str]) -> None:
                      f"tokenizer without it (the node reads it at configure)")
         tokenizer.update({"tokenizer.dataset_statistics": "", "tokenizer.unnorm_key": ""})
     ActionTokenizer.from_config(tokenizer)
+    backend_type = params.get("backend.type")
+    if backend_type:
+        from rt2_ros.backends import BackendConfigError, backend_class
+        from rt2_ros.params import ConfigError
+
+        prefix = f"backend.{backend_type}."
+        try:
+            backend_class(backend_type).check_options({k[len(prefix):]: v for k, v in params.items()
+                                                       if k.startswith(prefix)})
+        except BackendConfigError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_params(paths: Sequence[str | Path], *, backend: str = "", nodes: Iterable[str] = (),
