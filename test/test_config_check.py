@@ -155,6 +155,22 @@ CASES = [
      "safety.workspace_min"),
     ("empty value", "rt2_safety:\n  ros__parameters:\n    safety:\n      watchdog_timeout_s:\n",
      "safety.watchdog_timeout_s"),
+    # transport security (issue 12): refused at configure, so refused by the check, not a note
+    ("grpc without tls to another machine",
+     "rt2_policy: {ros__parameters: {backend: {type: grpc, grpc: {target: '10.0.0.5:50051'}}}}",
+     "backend.grpc.allow_plaintext"),
+    ("http to another machine",
+     "rt2_policy: {ros__parameters: {backend: {type: openvla_http, openvla_http: {url: 'http://gpu-box:8000'}}}}",
+     "backend.openvla_http.allow_plaintext"),
+    ("http to another machine, allowed",
+     "rt2_policy: {ros__parameters: {backend: {type: openvla_http, "
+     "openvla_http: {url: 'http://gpu-box:8000', allow_plaintext: true}}}}", None),
+    ("a token without tls",
+     "rt2_policy: {ros__parameters: {backend: {type: grpc, grpc: {token_file: /etc/rt2/token.txt}}}}",
+     "backend.grpc.token_file"),
+    ("a CA bundle for a ws:// url",
+     "rt2_policy: {ros__parameters: {backend: {type: openpi, openpi: {url: 'ws://127.0.0.1:8000', "
+     "ca_cert_file: /etc/rt2/ca.crt}}}}", "backend.openpi.ca_cert_file"),
 ]
 
 

@@ -99,18 +99,36 @@ def test_tls_material_is_parsed_and_the_key_must_match(certs):
 # -- every network backend ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", sorted(NETWORK_BACKENDS))
 def test_plaintext_to_another_machine_is_refused_unless_allowed(backend, caplog):
-    option, remote, _, extra = NETWORK_BACKENDS[backend]
+    option, remote, secure, extra = NETWORK_BACKENDS[backend]
     key = f"backend.{backend}.allow_plaintext"
-    with pytest.raises(BackendConfigError, match=rf"not on this machine .*unencrypted.*answer with actions.*"
-                                                 rf"{key}: true"):
+    with pytest.raises(BackendConfigError, match=rf"^backend.{backend}.{option} '{re.escape(remote)}'.* is not on "
+                                                 rf"this machine .*unencrypted.*answer with actions.*{key}: true"):
         build(backend, **{option: remote}, **extra)
     with caplog.at_level(logging.WARNING):
         build(backend, **{option: remote, "allow_plaintext": True}, **extra)  # the operator took the risk
     assert any(key in r.getMessage() and "unencrypted" in r.getMessage() for r in caplog.records)
-    local = remote.replace("10.0.0.5", "127.0.0.1")
     caplog.clear()
-    build(backend, **{option: local}, **extra)  # loopback: nothing to intercept
+    build(backend, **{option: remote.replace("10.0.0.5", "127.0.0.1")}, **extra)  # loopback: nothing to intercept
+    build(backend, **{option: remote.replace("10.0.0.5", "[::1]")}, **extra)
+    build(backend, **({option: secure} if secure else {option: remote, "tls": True}), **extra)  # TLS: no consent
     assert not any("unencrypted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("backend, url", [("openvla_http", "http://[::1"), ("openpi", "wss://"),
+                                          ("openai", "ftp://10.0.0.5/v1"), ("openpi", "10.0.0.5:8000")])
+def test_a_url_that_names_no_server_is_refused_not_taken_for_this_machine(backend, url):
+    option, _, _, extra = NETWORK_BACKENDS[backend]
+    with pytest.raises(BackendConfigError, match=rf"^backend.{backend}.{option}: expected .*got '{re.escape(url)}'"):
+        build(backend, **{option: url}, **extra)
+
+
+def test_the_docs_quote_the_refusal_as_the_backend_words_it():
+    doc = (REPO / "docs" / "compat_backends.md").read_text()
+    quoted = re.search(r"```text\n(backend\.openvla_http\.url 'http://10\.0\.0\.5:8000' .*?)```", doc, re.S)
+    assert quoted, "docs/compat_backends.md no longer quotes the plaintext refusal"
+    with pytest.raises(BackendConfigError) as refused:
+        build("openvla_http", url="http://10.0.0.5:8000")
+    assert " ".join(quoted.group(1).split()) == " ".join(str(refused.value).split())
 
 
 @pytest.mark.parametrize("backend", sorted(NETWORK_BACKENDS))
@@ -138,6 +156,14 @@ def test_grpc_client_certificate_and_key_are_checked_at_start_up(certs):
         build("grpc", **tls, client_cert=str(certs["client.crt"]), client_key=str(certs["server.key"]))
     with pytest.raises(BackendConfigError, match=r"backend.grpc.client_cert: .*junk\.pem.* is not a PEM certificate"):
         build("grpc", **tls, client_cert=str(certs["junk.pem"]), client_key=str(certs["client.key"]))
+    with pytest.raises(BackendConfigError, match=r"backend.grpc.client_cert: .*broken\.crt.* does not parse"):
+        build("grpc", **tls, client_cert=str(certs["broken.crt"]), client_key=str(certs["client.key"]))
+    with pytest.raises(BackendConfigError, match=r"backend.grpc.client_key: .*junk\.pem.* is not a PEM private key"):
+        build("grpc", **tls, client_cert=str(certs["client.crt"]), client_key=str(certs["junk.pem"]))
+    with pytest.raises(BackendConfigError, match=r"backend.grpc.client_key: cannot read .*missing\.pem"):
+        build("grpc", **tls, client_cert=str(certs["client.crt"]), client_key=str(certs["missing"]))
+    with pytest.raises(BackendConfigError, match=r"backend.grpc.client_cert: cannot read .*missing\.pem"):
+        build("grpc", **tls, client_cert=str(certs["missing"]), client_key=str(certs["client.key"]))
     build("grpc", **tls, client_cert=str(certs["client.crt"]), client_key=str(certs["client.key"]))
 
 
@@ -162,6 +188,82 @@ def test_the_config_check_refuses_a_plaintext_remote_backend(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={"PYTHONPATH": str(REPO),
                          "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out
+
+
+# -- through the nodes ------------------------------------------------------------------------------------
+def test_the_policy_node_refuses_a_plaintext_remote_server_while_the_safety_node_holds(tmp_path):
+    """The safety node runs alone (rt2-bringup --no-policy); a policy node (--no-safety) configured for
+    an unencrypted server on another machine exits 2 at start-up naming the option, and the arm never
+    gets an action: the safety node stays up, accepts nothing and commands only zero twists. The
+    same file with allow_plaintext starts the policy node (the refusal is the plaintext rule)."""
+    pytest.importorskip("rclpy")
+    from geometry_msgs.msg import TwistStamped
+    from std_msgs.msg import String
+
+    from rt2_ros.nodes.common import COMMAND_QOS, EVENT_QOS, LATCHED_QOS
+    from rt2_ros_interfaces.msg import SafetyStatus
+    from test.ros_helpers import Probe, isolate_ros_domain, start_bringup, stop
+    from test.ros_helpers import write_params as write_node_params
+
+    isolate_ros_domain()
+    main = REPO / "config" / "rt2.yaml"
+    probe = Probe("rt2_transport_probe")
+    probe.record(SafetyStatus, "/rt2_safety/status", LATCHED_QOS, "status")
+    probe.record(TwistStamped, "/servo_node/delta_twist_cmds", COMMAND_QOS, "twist")
+    stop_sensors = probe.publish_fake_sensors()  # camera and arm driver
+    instruction = probe.publisher(String, "/instruction", EVENT_QOS)
+    safety_log = tmp_path / "safety.log"
+    t0 = time.monotonic()
+    safety = start_bringup(main, "--no-policy", log=safety_log)
+    try:
+        probe.wait_for(lambda: safety.poll() is not None or bool(probe.since("status", t0)), 30.0,
+                       "the safety node's status")
+        assert safety.poll() is None, safety_log.read_text()
+        refused = {"grpc": {"backend.type": "grpc", "backend.grpc.target": "10.0.0.5:50051"},
+                   "openvla_http": {"backend.type": "openvla_http", "backend.openvla_http.url": "http://10.0.0.5:8000"}}
+        for backend, policy in refused.items():
+            overlay = write_node_params(tmp_path / f"{backend}.yaml", policy=policy)
+            log = tmp_path / f"policy_{backend}.log"
+            t_start = time.monotonic()
+            proc = start_bringup(main, "--params", str(overlay), "--no-safety", log=log)
+            try:
+                rc = proc.wait(60)
+            finally:
+                stop(proc)
+            text = log.read_text()
+            assert rc == 2, text
+            assert re.search(rf"rt2-bringup: configuration error: .*backend\.{backend}\.(target|url) '[^']*10\.0\.0\.5"
+                             rf".*not on this machine.*backend\.{backend}\.allow_plaintext: true", text), text
+            print(f"{backend}: policy process refused and exited 2 in {time.monotonic() - t_start:.2f} s")
+        # An operator's instruction finds no policy; the arm holds.
+        instruction.publish(String(data="pick up the block"))
+        t_check = time.monotonic()
+        probe.wait_for(lambda: len(probe.since("status", t_check)) >= 3, 10.0, "three more safety statuses")
+        statuses = probe.since("status", t0)
+        assert all(m.actions_accepted == 0 and m.state_name != "RUNNING" for m in statuses), \
+            {(m.state_name, m.actions_accepted) for m in statuses}
+        twists = probe.since("twist", t0)
+        assert all(not any((t.twist.linear.x, t.twist.linear.y, t.twist.linear.z, t.twist.angular.x,
+                            t.twist.angular.y, t.twist.angular.z)) for t in twists), "a non-zero twist was sent"
+        assert safety.poll() is None, safety_log.read_text()
+
+        # The control: the operator's consent is the only difference, and the policy node runs.
+        allowed = write_node_params(tmp_path / "allowed.yaml", policy={**refused["openvla_http"],
+                                                                       "backend.openvla_http.allow_plaintext": True})
+        log = tmp_path / "policy_allowed.log"
+        proc = start_bringup(main, "--params", str(allowed), "--no-safety", log=log)
+        try:
+            probe.wait_for(lambda: proc.poll() is not None or "rt2-bringup: running" in log.read_text(), 30.0,
+                           "the allowed policy node to run")
+            assert proc.poll() is None, log.read_text()
+        finally:
+            assert stop(proc) == 0, log.read_text()
+        assert "backend.openvla_http.allow_plaintext: true" in log.read_text(), log.read_text()
+    finally:
+        rc = stop(safety)
+        stop_sensors()
+        probe.close()
+    assert rc == 0, safety_log.read_text()
 
 
 # -- rt2-serve: start-up refusals ----------------------------------------------------------------------------
@@ -285,7 +387,9 @@ def test_a_flood_of_bad_tokens_is_counted_and_logged_at_a_bounded_rate(tmp_path,
     token.chmod(0o600)
     server = Server(tmp_path, "--backend-class", ECHO, "--params", str(write_params(tmp_path / "p.yaml")),
                     "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
-                    "--token-file", str(token), name="flood")
+                    "--token-file", str(token), "--workers", "16", name="flood")  # 8 callers never meet
+    # gRPC's concurrent-RPC cap (= --workers): a refused call still holds its slot for a moment after the
+    # caller has its answer, so 8 callers at --workers 8 sometimes got RESOURCE_EXHAUSTED instead
     creds = grpc.ssl_channel_credentials(root_certificates=certs["ca.crt"].read_bytes())
     channel = grpc.secure_channel(f"localhost:{server.port}", creds)
     stub = pb_grpc.PolicyStub(channel)

@@ -136,8 +136,8 @@ def allow_plaintext_spec(prefix: str) -> ParamSpec:
     return ParamSpec(prefix + "allow_plaintext", "bool", False,
                      "Allow an unencrypted connection to another machine. Without it such a server is refused at "
                      "start-up: anyone on the network path could read the camera images and answer with actions. "
-                     "Set it only when the path is protected otherwise (SSH tunnel, TLS-terminating proxy, a "
-                     "dedicated cable); loopback needs no TLS.")
+                     "Set it only when the path is protected otherwise (SSH tunnel, TLS-terminating proxy, an "
+                     "encrypted VPN, a dedicated cable); loopback needs no TLS.")
 
 
 def time_left(deadline: float) -> float:

@@ -92,7 +92,9 @@ OPTIONS: tuple[ParamSpec, ...] = (
               "bandwidth; the model resizes to that size anyway)"),
     ParamSpec(_P + "use_streaming", "bool", False,
               "one long-lived bidirectional InferStream instead of a unary Infer call per observation"),
-    ParamSpec(_P + "tls", "bool", False, "use TLS (required for a token unless allow_insecure_token)"),
+    ParamSpec(_P + "tls", "bool", False,
+              "use TLS (required for a target on another machine unless allow_plaintext, and for a token unless "
+              "allow_insecure_token)"),
     ParamSpec(_P + "ca_cert", "string", "",
               "PEM file of the CA that signed the server certificate; empty = the system roots"),
     ParamSpec(_P + "client_cert", "string", "", "PEM client certificate for mutual TLS (with client_key)"),
@@ -100,7 +102,8 @@ OPTIONS: tuple[ParamSpec, ...] = (
     ParamSpec(_P + "token_file", "string", "",
               "file holding the bearer token sent as 'authorization: Bearer ...'; empty = no token"),
     ParamSpec(_P + "allow_insecure_token", "bool", False,
-              "send the token without TLS (only through an SSH tunnel or a TLS-terminating proxy)"),
+              "send the token without TLS (only through an SSH tunnel or a TLS-terminating proxy; a target on "
+              "another machine also needs allow_plaintext)"),
     allow_plaintext_spec(_P),
     ParamSpec(_P + "server_name_override", "string", "",
               "TLS: the name to check the server certificate against instead of the target host"),
@@ -367,19 +370,35 @@ class GrpcBackend(Backend):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        if not options["tls"]:
-            target = options["target"].strip()
-            check_plaintext(_P + "allow_plaintext", f"grpc target {target}", target_host(target),
-                            options["allow_plaintext"])
+        o = options
+        target = o["target"].strip()
+        if not target:
+            raise BackendConfigError(f"{_P}target: empty; set it to host:port of the policy server")
+        if ":" not in target:
+            raise BackendConfigError(f"{_P}target: {target!r} has no port; use host:port, e.g. 10.0.0.5:50051")
+        if o["tls"]:
+            if bool(o["client_cert"]) != bool(o["client_key"]):
+                raise BackendConfigError(f"{_P}client_cert and {_P}client_key go together (mutual TLS); set both "
+                                         "or none")
+            return
+        for key in ("ca_cert", "client_cert", "client_key", "server_name_override"):
+            if o[key]:
+                raise BackendConfigError(f"{_P}{key} is set but {_P}tls is false; enable tls or clear {key}")
+        # Two separate consents, neither implying the other: allow_plaintext for images and actions in
+        # clear text to another machine, allow_insecure_token for the token in clear text (also to a
+        # loopback target: the local end of an SSH tunnel, which the operator vouches for).
+        check_plaintext(_P + "allow_plaintext", f"{_P}target {target!r} ({_P}tls: false)", target_host(target),
+                        o["allow_plaintext"])
+        if o["token_file"] and not o["allow_insecure_token"]:
+            raise BackendConfigError(
+                f"{_P}token_file is set but {_P}tls is false: the token would travel in clear text; enable tls "
+                f"(or set {_P}allow_insecure_token: true behind an SSH tunnel or TLS-terminating proxy)")
 
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         super().__init__(options, tokenizer)
         o = options
+        self.check_options(o)
         self.target: str = o["target"].strip()
-        if not self.target:
-            raise BackendConfigError(f"{_P}target: empty; set it to host:port of the policy server")
-        if ":" not in self.target:
-            raise BackendConfigError(f"{_P}target: {self.target!r} has no port; use host:port, e.g. 10.0.0.5:50051")
         self._encoding: str = o["image_encoding"]
         self._jpeg_quality: int = o["jpeg_quality"]
         self._resize: bool = o["resize_to_server_size"]
@@ -387,11 +406,6 @@ class GrpcBackend(Backend):
         self._tls: bool = o["tls"]
         self._connect_timeout_s: float = o["connect_timeout_s"]
         token = read_token(_P + "token_file", o["token_file"]) if o["token_file"] else None
-        if token is not None and not self._tls and not o["allow_insecure_token"]:
-            raise BackendConfigError(
-                f"{_P}token_file is set but {_P}tls is false: the token would travel in clear text; enable tls "
-                f"(or set {_P}allow_insecure_token: true behind an SSH tunnel or TLS-terminating proxy)")
-        self.check_options(o)
         self._has_token = token is not None
         # the token lives only in this tuple; it is never logged or put in an exception message
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -420,13 +434,8 @@ class GrpcBackend(Backend):
         if o["keepalive_s"] > 0:
             channel_options += [("grpc.keepalive_time_ms", int(o["keepalive_s"] * 1000)),
                                 ("grpc.keepalive_timeout_ms", 10_000)]
-        if not self._tls:
-            for key in ("ca_cert", "client_cert", "client_key", "server_name_override"):
-                if o[key]:
-                    raise BackendConfigError(f"{_P}{key} is set but {_P}tls is false; enable tls or clear {key}")
+        if not self._tls:  # allowed by check_options
             return grpc.insecure_channel(self.target, options=channel_options)
-        if bool(o["client_cert"]) != bool(o["client_key"]):
-            raise BackendConfigError(f"{_P}client_cert and {_P}client_key go together (mutual TLS); set both or none")
         root = load_ca_bundle(_P + "ca_cert", o["ca_cert"]) if o["ca_cert"] else None
         cert, key = load_cert_and_key(_P + "client_cert", o["client_cert"], _P + "client_key", o["client_key"]) \
             if o["client_cert"] else (None, None)

@@ -36,7 +36,6 @@ import re
 import ssl
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx2
 import numpy as np
@@ -60,7 +59,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
-from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
+from rt2_ros.backends.transport_security import check_server_url, server_ssl_context
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -115,14 +114,12 @@ class OpenAICompatBackend(Backend):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        check_url_plaintext(_P, options["base_url"], "https", options)
+        check_server_url(_P, "base_url", options, "http", "https", "/v1")
 
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
-        parts = urlsplit(opts["base_url"])
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise BackendConfigError(f"{_P}base_url: expected http(s)://host:port/v1, got {opts['base_url']!r}")
+        self.check_options(opts)
         if not opts["model"]:
             raise BackendConfigError(f"{_P}model: set the served model name (vLLM --served-model-name)")
         if tokenizer is None:
@@ -136,7 +133,7 @@ class OpenAICompatBackend(Backend):
                                      f"{opts['image_label']!r} ({exc!r})") from None
         self._extra_body = _guided_body(opts["guided_decoding_field"], tokenizer.text_regex())
         key = load_secret(opts["api_key_env"], opts["api_key_file"], _P)
-        verify: ssl.SSLContext | bool = url_tls(_P, opts["base_url"], "https", opts) or True
+        verify: ssl.SSLContext | bool = server_ssl_context(_P, "base_url", opts, "https") or True
         # An explicit key (or the "EMPTY" placeholder vLLM ignores) so the client never falls back to
         # OPENAI_API_KEY / OPENAI_BASE_URL from the environment behind the operator's back.
         self._client = openai.OpenAI(

@@ -45,7 +45,6 @@ import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import msgpack
 import numpy as np
@@ -72,7 +71,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
-from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
+from rt2_ros.backends.transport_security import check_server_url, server_ssl_context
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -194,19 +193,17 @@ class OpenPIBackend(Backend):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        check_url_plaintext(_P, options["url"], "wss", options)
+        check_server_url(_P, "url", options, "ws", "wss")
 
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
-        parts = urlsplit(opts["url"])
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            raise BackendConfigError(f"{_P}url: expected ws://host:port or wss://host:port, got {opts['url']!r}")
+        self.check_options(opts)
         _check_mapping(opts)
         if opts["reconnect_backoff_max_s"] < opts["reconnect_backoff_s"]:
             raise BackendConfigError(f"{_P}reconnect_backoff_max_s: must be >= {_P}reconnect_backoff_s")
         self._url: str = opts["url"]
-        self._ssl: ssl.SSLContext | None = url_tls(_P, opts["url"], "wss", opts)
+        self._ssl: ssl.SSLContext | None = server_ssl_context(_P, "url", opts, "wss")
         key = load_secret(opts["api_key_env"], opts["api_key_file"], _P)
         # The key only lives in this header dict; it is never formatted into a message.
         self._headers: dict[str, str] | None = {"Authorization": f"Api-Key {key}"} if key else None
@@ -619,7 +616,8 @@ def axis_angle(quat: np.ndarray) -> np.ndarray:
 
 #: what unpacking outside bytes can raise (msgpack's errors are ValueErrors; openpi's __ndarray__
 #: hook raises TypeError/ValueError/KeyError on a malformed array; deep nesting a RecursionError)
-_UNPACK_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+# SyntaxError: numpy parses a dtype string such as "<,8" with ast (found by fuzzing, test_fuzz.py)
+_UNPACK_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, SyntaxError,
                   msgpack.UnpackException)
 
 

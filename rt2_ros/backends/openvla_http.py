@@ -28,7 +28,6 @@ import logging
 import ssl
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx2
 import json_numpy
@@ -39,7 +38,6 @@ from rt2_ros.actions import BackendReply, Observation
 from rt2_ros.backends import http_budget
 from rt2_ros.backends.base import (
     Backend,
-    BackendConfigError,
     BackendError,
     BackendTimeout,
     camera_frames,
@@ -52,7 +50,7 @@ from rt2_ros.backends.base import (
     snippet,
     time_left,
 )
-from rt2_ros.backends.transport_security import check_url_plaintext, url_tls
+from rt2_ros.backends.transport_security import check_server_url, server_ssl_context
 from rt2_ros.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -93,15 +91,13 @@ class OpenVLAHttpBackend(Backend):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        check_url_plaintext(_P, options["url"], "https", options)
+        check_server_url(_P, "url", options, "http", "https")
 
     def __init__(self, options: dict, tokenizer: ActionTokenizer) -> None:
         opts = resolve_options(self.OPTIONS, _P, options)
         super().__init__(opts, tokenizer)
+        self.check_options(opts)
         url = opts["url"].rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise BackendConfigError(f"{_P}url: expected http://host:port or https://host:port, got {opts['url']!r}")
         self._act_url = f"{url}/act"
         self._cameras = check_camera_names([opts["camera"]], f"{_P}camera") if opts["camera"] else []
         self._image_size: int = opts["image_size"]
@@ -113,7 +109,7 @@ class OpenVLAHttpBackend(Backend):
         # deploy.py has no auth; a proxy in front of it may. Never log the token itself.
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        verify: ssl.SSLContext | bool = url_tls(_P, url, "https", opts) or True
+        verify: ssl.SSLContext | bool = server_ssl_context(_P, "url", opts, "https") or True
         options = http_budget.client_options(verify)
         options["headers"].update(headers)
         self._client = httpx2.Client(**options)
@@ -175,8 +171,9 @@ class OpenVLAHttpBackend(Backend):
                 f"openvla_http: {self._act_url} answered HTTP {response.status_code}: {_text(content)}")
         try:
             value = json_numpy.loads(content)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
-            # binascii.Error (bad base64) and json.JSONDecodeError are ValueErrors
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, SyntaxError) as exc:
+            # binascii.Error (bad base64) and json.JSONDecodeError are ValueErrors; SyntaxError: numpy parses
+            # a dtype string such as ",1,0,0<f8" with ast (found by fuzzing, test_fuzz.py)
             raise BackendError(f"openvla_http: reply is not json-numpy ({snippet(exc, 80)}): {_text(content)}"
                                ) from None
         if isinstance(value, str):

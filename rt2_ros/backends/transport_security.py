@@ -42,23 +42,19 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def url_host(url: str) -> str | None:
-    """The host of ``scheme://host:port/...`` (brackets of an IPv6 literal removed)."""
-    return urlsplit(url).hostname
-
-
 def check_plaintext(key: str, where: str, host: str | None, allow_plaintext: bool) -> None:
     """Refuse an unencrypted connection to another machine unless ``allow_plaintext`` (option
     ``key``) was set; that case is logged once, as the risk it is."""
     if is_loopback(host):
         return
     if allow_plaintext:
-        _log.warning("%s is not on this machine and unencrypted (%s: true): %s, unless an SSH tunnel, a "
-                     "TLS-terminating proxy or a dedicated cable protects the path", where, key, PLAINTEXT_RISK)
+        _log.warning("%s is not on this machine and unencrypted (%s: true): %s, unless the path is protected "
+                     "otherwise (encrypted VPN, dedicated cable)", where, key, PLAINTEXT_RISK)
         return
     raise BackendConfigError(
-        f"{where} is not on this machine and the connection would be unencrypted: {PLAINTEXT_RISK}. Use TLS; "
-        f"or protect the path (SSH tunnel to a local port, TLS-terminating proxy) and set {key}: true")
+        f"{where} is not on this machine and the connection would be unencrypted: {PLAINTEXT_RISK}. Use TLS "
+        f"(directly or through a TLS-terminating proxy) or an SSH tunnel to a local port; only if the path is "
+        f"protected otherwise (encrypted VPN, dedicated cable) set {key}: true")
 
 
 def read_file(key: str, path: str, *, secret: bool = False) -> bytes:
@@ -133,26 +129,32 @@ def client_ssl_context(ca_key: str, ca_path: str) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=load_ca_bundle(ca_key, ca_path).decode("ascii"))
 
 
-def check_url_plaintext(prefix: str, url: str, secure_scheme: str, options: dict) -> None:
-    """A URL backend's plaintext rule (option ``<prefix>allow_plaintext``): a URL that is not
-    ``secure_scheme`` (https, wss) must be on this machine or explicitly allowed."""
-    parts = urlsplit(url)
-    if parts.scheme != secure_scheme:
-        check_plaintext(prefix + "allow_plaintext", f"{prefix[:-1]} server {url}", parts.hostname,
+def check_server_url(prefix: str, url_key: str, options: dict, plain: str, secure: str, path: str = "") -> None:
+    """The address rules of a URL backend that need neither a file nor the server (so ``rt2-bringup
+    --check`` applies them too): the form ``<plain|secure>://host[:port]<path>``, the plaintext rule (option
+    ``<prefix>allow_plaintext``), and ``<prefix>ca_cert_file`` only with the ``secure`` scheme."""
+    url = options[url_key]
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = urlsplit("")
+    if parts.scheme not in (plain, secure) or not parts.hostname:
+        raise BackendConfigError(f"{prefix}{url_key}: expected {secure}://host:port{path} (or "
+                                 f"{plain}://host:port{path}), got {url!r}")
+    if parts.scheme == plain:
+        if options["ca_cert_file"]:
+            raise BackendConfigError(f"{prefix}ca_cert_file: only used with a {secure}:// {url_key}, got {url!r}")
+        check_plaintext(prefix + "allow_plaintext", f"{prefix}{url_key} {url!r}", parts.hostname,
                         options["allow_plaintext"])
 
 
-def url_tls(prefix: str, url: str, secure_scheme: str, options: dict) -> ssl.SSLContext | None:
-    """The start-up checks of a URL backend (options ``<prefix>ca_cert_file`` and
-    ``<prefix>allow_plaintext``): the verifying context for a ``secure_scheme`` URL (https, wss), None
-    for a plaintext one (:func:`check_url_plaintext`)."""
-    if urlsplit(url).scheme == secure_scheme:
-        return client_ssl_context(prefix + "ca_cert_file", options["ca_cert_file"])
-    if options["ca_cert_file"]:
-        raise BackendConfigError(f"{prefix}ca_cert_file: only used with a {secure_scheme}:// url, got {url!r}")
-    check_url_plaintext(prefix, url, secure_scheme, options)
-    return None
+def server_ssl_context(prefix: str, url_key: str, options: dict, secure: str) -> ssl.SSLContext | None:
+    """The verifying context for a ``secure`` URL (https, wss), its ``<prefix>ca_cert_file`` parsed;
+    None for a plaintext one (allowed by :func:`check_server_url`, which must have run)."""
+    if urlsplit(options[url_key]).scheme != secure:
+        return None
+    return client_ssl_context(prefix + "ca_cert_file", options["ca_cert_file"])
 
 
-__all__ = ["PLAINTEXT_RISK", "check_plaintext", "check_url_plaintext", "client_ssl_context", "is_loopback",
-           "load_ca_bundle", "load_cert_and_key", "read_file", "url_host", "url_tls"]
+__all__ = ["PLAINTEXT_RISK", "check_plaintext", "check_server_url", "client_ssl_context", "is_loopback",
+           "load_ca_bundle", "load_cert_and_key", "read_file", "server_ssl_context"]

@@ -120,7 +120,11 @@ def load_params_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ParamsFileError(f"params file not found: {path}")
     try:
-        doc = yaml.load(path.read_text(), Loader=_RclLoader)  # a SafeLoader subclass
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # found by fuzzing (test_fuzz.py)
+        raise ParamsFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
+        doc = yaml.load(text, Loader=_RclLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:  # one line: where and what
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
