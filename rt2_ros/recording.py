@@ -648,8 +648,11 @@ def read_topics(path: str | Path) -> dict[str, str]:
             raise RecordingReadError(f"{path}: cannot read the summary: {_damage(exc)}") from exc
         if summary is None:
             raise RecordingReadError(f"{path}: no summary section (recording not closed?); run `mcap recover`")
-        return {c.topic: normalize_type_name(summary.schemas[c.schema_id].name)
-                for c in summary.channels.values() if c.schema_id in summary.schemas}
+        try:
+            return {c.topic: normalize_type_name(summary.schemas[c.schema_id].name)
+                    for c in summary.channels.values() if c.schema_id in summary.schemas}
+        except RecordingError as exc:  # the file names a type that is not a ROS 2 message type
+            raise RecordingReadError(f"{path}: {exc}") from None
 
 
 # -- replay ------------------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ def load_params(path: str | Path, node: str | None = None) -> dict[str, Any]:
             tree = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"--params: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--params: {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--params: {str(path)!r} is not valid YAML ({exc})") from None
     sections = {name: flatten(params) for name, params in _parameter_sections(tree)}
