@@ -632,6 +632,13 @@ def test_estop_topic_during_motion_holds_within_one_command_period_until_reset(p
     assert_actions_fresh(probe, t1, 4.0)
 
 
+def release_estop(probe) -> None:
+    """Leave the safety node as the next test expects it: not ESTOPPED."""
+    if latest_status(probe).state_name == "ESTOPPED":
+        probe.wait_answering("rt2_safety")
+        probe.call(Trigger, "/rt2_safety/reset", Trigger.Request())
+
+
 @pytest.mark.parametrize("writer", ["default", "sensor"])
 def test_estop_from_a_writer_of_any_qos_is_received(probe, stack, writer):
     """An e-stop button driver publishing with the ROS default QoS (reliable, volatile, depth 10) or
@@ -661,9 +668,7 @@ def test_estop_from_a_writer_of_any_qos_is_received(probe, stack, writer):
         assert "incompatible" not in s.log("safety"), s.log("safety")
     finally:
         probe.node.destroy_publisher(pub)
-        if latest_status(probe).state_name == "ESTOPPED":
-            probe.wait_answering("rt2_safety")
-            probe.call(Trigger, "/rt2_safety/reset", Trigger.Request())
+        release_estop(probe)
 
 
 def test_estop_latched_before_the_safety_node_starts_holds_it(probe, stack):
@@ -676,9 +681,7 @@ def test_estop_latched_before_the_safety_node_starts_holds_it(probe, stack):
         wait_status(probe, lambda st: st.state_name == "ESTOPPED", 10.0, "ESTOPPED from the latched e-stop")
     finally:
         probe.node.destroy_publisher(pub)
-        if latest_status(probe).state_name == "ESTOPPED":
-            probe.wait_answering("rt2_safety")
-            probe.call(Trigger, "/rt2_safety/reset", Trigger.Request())
+        release_estop(probe)
 
 
 # -- 7. terminate in the middle of an answer sequence ---------------------------------------------------------

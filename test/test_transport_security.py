@@ -381,18 +381,23 @@ def test_per_client_call_limit_refuses_at_once_and_frees_the_slot_however_a_call
     assert "refused (per-client limit)" in server.log_path.read_text()
 
 
-def test_a_flood_of_bad_tokens_is_counted_and_logged_at_a_bounded_rate(tmp_path, certs):
+def token_server(tmp_path: Path, certs: dict[str, Path], name: str, *flags: str):
+    """An rt2-serve with TLS and the token "the-right-token", and a TLS channel to it (no token)."""
     token = tmp_path / "token"
     token.write_text("the-right-token\n")
     token.chmod(0o600)
     server = Server(tmp_path, "--backend-class", ECHO, "--params", str(write_params(tmp_path / "p.yaml")),
                     "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
-                    "--token-file", str(token), "--workers", "16", name="flood")  # 8 callers never meet
-    # gRPC's concurrent-RPC cap (= --workers): a refused call still holds its slot for a moment after the
-    # caller has its answer, so 8 callers at --workers 8 sometimes got RESOURCE_EXHAUSTED instead
+                    "--token-file", str(token), *flags, name=name)
     creds = grpc.ssl_channel_credentials(root_certificates=certs["ca.crt"].read_bytes())
     channel = grpc.secure_channel(f"localhost:{server.port}", creds)
-    stub = pb_grpc.PolicyStub(channel)
+    return server, channel, pb_grpc.PolicyStub(channel)
+
+
+def test_a_flood_of_bad_tokens_is_counted_and_logged_at_a_bounded_rate(tmp_path, certs):
+    # --workers 16: gRPC's concurrent-RPC cap (= --workers) counts a refused call for a moment after the
+    # caller has its answer, so 8 callers at --workers 8 sometimes got RESOURCE_EXHAUSTED instead
+    server, channel, stub = token_server(tmp_path, certs, "flood", "--workers", "16")
     n = 1000
     try:
         def bad(i: int) -> grpc.StatusCode:
@@ -423,15 +428,7 @@ def test_a_flood_of_bad_tokens_is_counted_and_logged_at_a_bounded_rate(tmp_path,
 
 def test_the_token_is_checked_before_a_client_slot_is_taken(tmp_path, certs):
     """Unauthenticated calls never occupy the slots of the client they come from."""
-    token = tmp_path / "token"
-    token.write_text("the-right-token\n")
-    token.chmod(0o600)
-    server = Server(tmp_path, "--backend-class", ECHO, "--params", str(write_params(tmp_path / "p.yaml")),
-                    "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
-                    "--token-file", str(token), "--max-calls-per-client", "1", name="order")
-    creds = grpc.ssl_channel_credentials(root_certificates=certs["ca.crt"].read_bytes())
-    channel = grpc.secure_channel(f"localhost:{server.port}", creds)
-    stub = pb_grpc.PolicyStub(channel)
+    server, channel, stub = token_server(tmp_path, certs, "order", "--max-calls-per-client", "1")
     good = (("authorization", "Bearer the-right-token"),)
     try:
         slow = stub.Infer.future(request("sleep:1.0"), timeout=10, metadata=good)
