@@ -8,6 +8,9 @@ inputs that fuzzing found crashing are kept below as plain regression tests.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent import futures
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 
 pytest.importorskip("atheris", reason="atheris is in requirements.txt; run make setup")
 
-from test.fuzz_targets import TARGETS, run
+from test.fuzz_targets import REPO, TARGETS, run
 
 SECONDS = 3
 # A target that ran at all tries thousands of inputs in 3 s; fewer means it did not really run.
@@ -44,6 +47,9 @@ FOUND = {
     # numpy parses a dtype string like "<,8" with ast: SyntaxError escaped the msgpack-numpy decoder
     "openpi_reply": msgpack.packb({"actions": {b"__ndarray__": True, b"data": bytes(168), b"dtype": "<,8",
                                                b"shape": [3, 7]}}),
+    # openpi_client's msgpack_numpy: np.ndarray(buffer, dtype "0f8", shape -1) kills the process (SIGFPE)
+    "openpi_reply-sigfpe": msgpack.packb({"actions": {b"__ndarray__": True, b"data": bytes(168), b"dtype": "0f8",
+                                                      b"shape": -1}}),
     # the same through json-numpy
     "openvla_reply": b'{"action": {"__numpy__": "exSuR+F6hD97FK5H4XqEP3sUrkfkfheoQ/exSuR+F6hD97FK5H4XqEPw==", '
                      b'"dtype": ",1,0,0<f8", "shape": [2, 7]}}',
@@ -52,9 +58,25 @@ FOUND = {
 }
 
 
-@pytest.mark.parametrize("target", sorted(FOUND))
-def test_inputs_fuzzing_found_are_handled(target):
-    TARGETS[target].setup()(FOUND[target])  # raises on anything but the parser's typed errors
+@pytest.fixture(scope="module")
+def found_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each found input through its target in a child process (one of them used to kill the process)."""
+    work = tmp_path_factory.mktemp("found")
+
+    def one(case: str) -> subprocess.CompletedProcess:
+        path = work / case
+        path.write_bytes(FOUND[case])
+        return subprocess.run([sys.executable, "-m", "test.fuzz_targets", case.split("-")[0], str(path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    with futures.ThreadPoolExecutor(2) as pool:
+        return dict(zip(FOUND, pool.map(one, FOUND), strict=True))
+
+
+@pytest.mark.parametrize("case", sorted(FOUND))
+def test_inputs_fuzzing_found_are_handled(found_runs, case):
+    out = found_runs[case]
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_an_mcap_naming_a_non_ros_type_is_a_read_error(tmp_path: Path):

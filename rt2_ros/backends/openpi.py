@@ -44,7 +44,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -409,7 +409,7 @@ class OpenPIBackend(Backend):
             _abort(ws)
             raise BackendError(f"openpi: server error instead of metadata: {_error_summary(frame)}")
         try:
-            metadata = msgpack_numpy.unpackb(frame)
+            metadata = _unpackb(frame)
         except _UNPACK_ERRORS as exc:
             _abort(ws)
             raise BackendError(f"openpi: metadata frame is not msgpack ({snippet(exc, 80)})") from None
@@ -466,7 +466,7 @@ class OpenPIBackend(Backend):
 
     def _parse_reply(self, frame: bytes, seq: int) -> BackendReply:
         try:
-            reply = msgpack_numpy.unpackb(frame)
+            reply = _unpackb(frame)
         except _UNPACK_ERRORS as exc:
             raise BackendError(f"openpi: reply is not msgpack ({snippet(exc, 80)})") from None
         key = self.options["actions_key"]
@@ -612,6 +612,25 @@ def axis_angle(quat: np.ndarray) -> np.ndarray:
     """
     axis, angle = quaternions.quat2axangle(quat)
     return np.asarray(axis) * angle
+
+
+def _unpack_array(obj: dict) -> Any:
+    """openpi_client.msgpack_numpy's object hook, safe for outside bytes. Its ``np.ndarray(buffer=,
+    dtype=, shape=)`` kills the whole process (SIGFPE in numpy) for a zero-size dtype such as "0f8"
+    with shape -1, found by fuzzing; ``np.frombuffer`` + ``reshape`` check sizes and raise instead."""
+    if b"__ndarray__" not in obj and b"__npgeneric__" not in obj:
+        return obj
+    dtype = np.dtype(obj[b"dtype"])
+    if dtype.itemsize == 0 or dtype.hasobject or dtype.shape:
+        raise ValueError(f"unsupported array dtype {dtype}")
+    if b"__ndarray__" in obj:
+        return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"])
+    return dtype.type(obj[b"data"])
+
+
+def _unpackb(frame: bytes) -> Any:
+    """One openpi msgpack frame (openpi's numpy form, :func:`_unpack_array`)."""
+    return msgpack.unpackb(frame, object_hook=_unpack_array)
 
 
 #: what unpacking outside bytes can raise (msgpack's errors are ValueErrors; openpi's __ndarray__
