@@ -12,17 +12,33 @@ model whether it runs on the robot or here.
 Security model (see docs/grpc.md):
 
 * Binds to 127.0.0.1 by default: a policy server drives a robot arm, so it must never be
-  reachable from the network by accident without authentication. On any other ``--host`` it
-  refuses to start without TLS and client authentication (a token or ``--client-ca``) unless
-  ``--insecure``. TLS files are parsed at start-up (and the key checked against the certificate).
-* ``--max-calls-per-client``: concurrent calls per client host; above it RESOURCE_EXHAUSTED at once.
-  Refused calls (auth, that limit, protocol version) are counted in the summary line and logged at
-  a bounded rate (:class:`RefusalLog`), so a flood of bad calls cannot flood the log.
+  reachable from the network by accident without authentication. On any other ``--host`` (0.0.0.0,
+  ``::``, a LAN address, a name other than ``localhost``: names are not resolved) it refuses to
+  start (exit 2, naming what is missing) without TLS **and** client authentication (a token or
+  ``--client-ca``), unless ``--insecure``, the operator's consent to exactly that, logged at start.
+* ``--tls-cert/--tls-key`` for TLS, plus ``--client-ca`` to require client certificates (mTLS). The
+  files are parsed at start-up and the key checked against the certificate
+  (:mod:`rt2_ros.backends.transport_security`); a bad one exits 2 naming the flag and the file.
 * ``--token-file``: every call must carry ``authorization: Bearer <token>``; a server
   interceptor checks it with a constant-time compare (no timing oracle). A token over
   plaintext leaks to anyone on the path, so a token without TLS is refused unless
-  ``--allow-insecure-token`` (for a TLS-terminating proxy in front).
-* ``--tls-cert/--tls-key`` for TLS, plus ``--client-ca`` to require client certificates (mTLS).
+  ``--allow-insecure-token``: meant for a loopback ``--host`` behind a TLS-terminating proxy on this
+  machine. The two consents stay separate: ``--insecure`` never lets a token travel in clear text,
+  and ``--allow-insecure-token`` never opens a network address.
+* ``--max-calls-per-client`` (default 4): concurrent calls per client host (the peer's address: one
+  robot may open several connections); above it RESOURCE_EXHAUSTED at once, naming the flag. A robot
+  needs one stream or one call at a time; 4 leaves room for a reconnect overlapping the old stream,
+  not for a flood. Health checks are not counted; the token is checked first, so unauthenticated
+  calls never take a slot. A slot is freed however its call ends (answered, failed, cancelled, past
+  its deadline, client gone). Behind a proxy every robot has the proxy's address: raise the bound.
+  ``--workers`` bounds all clients together.
+* Refused calls (auth, the per-client limit, another protocol version) are counted per reason and
+  client in the summary line and logged at a bounded rate (:class:`RefusalLog`): a client's first
+  refusal, then at most one line per client and reason every 10 s carrying how many were not
+  logged, and at most 20 such lines per 10 s in all, so a flood of bad calls cannot flood the log.
+* Every call is bounded on the server too: an observation waits for the model and is handed a
+  budget of at most the client's deadline and ``--infer-timeout-s`` (also when the client sets no
+  deadline); ``Reset`` waits for the model as long.
 * No pickle: requests are protobuf data only (LeRobot's pickled gRPC payloads let any peer run
   code on the server). Decoded images are size-limited (``--max-image-pixels`` each, at most
   16 cameras per observation), state vectors length-limited and checked finite.
@@ -93,6 +109,7 @@ DEFAULT_MAX_REPLY_BYTES = 1024 * 1024  # an answer (text, 8 ids, an action chunk
 # briefly and a health probe is not counted: 4 leaves room for that, not for a flood.
 DEFAULT_MAX_CALLS_PER_CLIENT = 4
 _PEERS_REMEMBERED = 1024  # peers whose refusals are tracked for the log rate limit
+REFUSAL_LINES_PER_INTERVAL = 20  # refused-call log lines per refusal_log_interval_s, all clients together
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's message size options are int32
 # any version's service: rt2_ros.policy.v<N>.Policy (the package name embeds the protocol version)
 _PROTOCOL_METHOD = re.compile(r"^/rt2_ros\.policy\.v(\d+)\.Policy/(\w+)$")
@@ -358,8 +375,8 @@ def request_bytes_cap(config: ServeConfig) -> int:
     return min(cameras * 3 * config.max_image_pixels + 1024 * 1024, _GRPC_MAX_MESSAGE)
 
 
-class _Stats:
-    """Counters for the periodic info-level summary line."""
+class CallStats:
+    """Counters for the periodic info-level summary line (answered, failed, refused by reason and client)."""
 
     def __init__(self, interval_s: float) -> None:
         self._lock = threading.Lock()
@@ -371,15 +388,20 @@ class _Stats:
         self._ok = self._errors = 0
         self._total_s = self._max_s = 0.0
         self._refused: Counter[str] = Counter()
+        self._refused_by: dict[str, Counter[str]] = {}  # why -> client host -> count (at most _PEERS_REMEMBERED)
 
-    def refused(self, why: str) -> None:
+    def refused(self, why: str, host: str) -> None:
         """Count a call refused before it reached the model (auth, per-client limit, protocol version)."""
         with self._lock:
             self._refused[why] += 1
+            hosts = self._refused_by.setdefault(why, Counter())
+            if host in hosts or len(hosts) < _PEERS_REMEMBERED:
+                hosts[host] += 1
+            line = self._due(time.monotonic())
+        if line:  # a flood of refused calls alone still gets its summary line
+            _log.info(line)
 
     def record(self, ok: bool, inference_s: float) -> None:
-        now = time.monotonic()
-        line = None
         with self._lock:
             if ok:
                 self._ok += 1
@@ -387,15 +409,26 @@ class _Stats:
                 self._max_s = max(self._max_s, inference_s)
             else:
                 self._errors += 1
-            if now - self._since >= self._interval_s:
-                line = self._line(now)
-                self._reset(now)
+            line = self._due(time.monotonic())
         if line:
             _log.info(line)
 
+    def _due(self, now: float) -> str | None:
+        """The summary line when the interval has passed (counters then restart); caller holds the lock."""
+        if now - self._since < self._interval_s:
+            return None
+        line = self._line(now)
+        self._reset(now)
+        return line
+
     def _line(self, now: float) -> str:
         mean_ms = 1000 * self._total_s / self._ok if self._ok else 0.0
-        refused = "".join(f", {n} refused ({why})" for why, n in sorted(self._refused.items()))
+        refused = ""
+        for why, n in sorted(self._refused.items()):
+            hosts = self._refused_by[why]
+            top, top_n = hosts.most_common(1)[0]
+            clients = f"{len(hosts)} clients" if len(hosts) < _PEERS_REMEMBERED else f">= {len(hosts)} clients"
+            refused += f", {n} refused ({why}) from {clients if len(hosts) > 1 else '1 client'}, most {top} ({top_n})"
         return (f"last {now - self._since:.0f} s: {self._ok} answered, {self._errors} failed{refused}; "
                 f"inference mean {mean_ms:.1f} ms, max {1000 * self._max_s:.1f} ms")
 
@@ -418,34 +451,56 @@ def peer_host(peer: str) -> str:
 
 
 class RefusalLog:
-    """Counts refused calls and logs them at a bounded rate: a peer's first refusal is logged, then
-    at most one line per peer every ``interval_s`` saying how many were refused since, so a flood
-    of bad calls cannot flood the log."""
+    """Counts refused calls and logs them at a bounded rate: the first refusal of a client (host) for
+    one reason is logged, then at most one line per client and reason every ``interval_s`` saying how
+    many were refused since; and at most ``max_lines`` lines per ``interval_s`` in all, so a client
+    with many addresses (an IPv6 prefix) cannot flood the log either. What is not logged is still
+    counted in the summary line."""
 
-    def __init__(self, stats: _Stats, interval_s: float) -> None:
+    def __init__(self, stats: CallStats, interval_s: float, max_lines: int = REFUSAL_LINES_PER_INTERVAL) -> None:
         self._stats = stats
         self._interval_s = interval_s
+        self._max_lines = max_lines
         self._lock = threading.Lock()
-        self._peers: OrderedDict[tuple[str, str], list[float | int]] = OrderedDict()  # -> [last logged, unlogged]
+        # (host, why) -> [time of its last line, refusals since then not logged]
+        self._peers: OrderedDict[tuple[str, str], list[float | int]] = OrderedDict()
+        self._window_start = -math.inf  # the all-clients line budget of the current interval
+        self._window_lines = 0
         self.total: Counter[str] = Counter()
 
     def record(self, why: str, peer: str, method: str, reason: str) -> None:
-        self._stats.refused(why)
         now = time.monotonic()
         host = peer_host(peer)
+        self._stats.refused(why, host)
+        key = (host, why)
         with self._lock:
             self.total[why] += 1
-            entry = self._peers.get((host, why))
-            if entry is not None and now - entry[0] < self._interval_s:
+            entry = self._peers.setdefault(key, [-math.inf, 0])  # [time of its last line, refused since]
+            if now - entry[0] < self._interval_s:
                 entry[1] += 1
                 return
-            suppressed = entry[1] if entry is not None else 0
-            self._peers[(host, why)] = [now, 0]
-            self._peers.move_to_end((host, why))
-            while len(self._peers) > _PEERS_REMEMBERED:
-                self._peers.popitem(last=False)
-        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
-        _log.warning("refused %s from %s: %s%s", method, peer, reason, more)
+            if now - self._window_start >= self._interval_s:
+                self._window_start, self._window_lines = now, 0
+            self._window_lines += 1
+            if self._window_lines > self._max_lines:
+                entry[1] += 1  # stays due: its next line, once there is budget, carries the count
+                self._trim()
+                if self._window_lines > self._max_lines + 1:
+                    return
+                line = (f"more than {self._max_lines} lines about refused calls within {self._interval_s:g} s: "
+                        "further refusals are only counted in the summary line for now")
+            else:
+                suppressed = entry[1]
+                entry[:] = [now, 0]
+                self._peers.move_to_end(key)
+                self._trim()
+                more = f" ({suppressed} more refused since the last line)" if suppressed else ""
+                line = f"refused {method} from {peer}: {reason}{more}"
+        _log.warning("%s", line)
+
+    def _trim(self) -> None:
+        while len(self._peers) > _PEERS_REMEMBERED:
+            self._peers.popitem(last=False)
 
 
 def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]
@@ -626,7 +681,7 @@ class PolicyServer:
             image_height=size[1], image_formats=[pb.Image.JPEG, pb.Image.PNG, pb.Image.RAW],
             server_version=__version__, cameras=list(config.cameras))
         self._model_lock = threading.Lock()  # one inference at a time: models are not re-entrant
-        self._stats = _Stats(config.summary_interval_s)
+        self._stats = CallStats(config.summary_interval_s)
         self.refusals = RefusalLog(self._stats, config.refusal_log_interval_s)
         # the token is checked first: an unauthenticated caller never takes one of a client's slots
         self.client_limit = PerClientLimit(config.max_calls_per_client, self.refusals)
@@ -676,16 +731,31 @@ class PolicyServer:
 
     # -- request handling (called by _Servicer from worker threads) --------------------------
 
+    def _budget_s(self, context: grpc.ServicerContext) -> float:
+        """Time this call may take: the client's deadline, never more than --infer-timeout-s."""
+        remaining = context.time_remaining()
+        return self.config.infer_timeout_s if remaining is None else min(remaining, self.config.infer_timeout_s)
+
+    def reset(self, context: grpc.ServicerContext) -> None:
+        """Reset the backend's episode state, not while it infers (a model is not re-entrant)."""
+        if not self._model_lock.acquire(timeout=max(0.0, self._budget_s(context))):
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "server busy: the model did not become free before the deadline")
+        try:
+            self.backend.reset()
+        except Exception as exc:
+            _log.exception("backend %s reset failed", self.backend_type)
+            raise RequestError(grpc.StatusCode.INTERNAL, f"backend reset failed: {exc}") from None
+        finally:
+            self._model_lock.release()
+
     def answer(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The InferReply for one observation; RequestError when it cannot be answered."""
         t_start = time.monotonic()
-        budgets = [self.config.infer_timeout_s]
-        remaining = context.time_remaining()
-        if remaining is not None:
-            budgets.append(remaining)
+        budget = self._budget_s(context)
         if request.timeout_s > 0:
-            budgets.append(request.timeout_s)
-        deadline = t_start + min(budgets)
+            budget = min(budget, request.timeout_s)
+        deadline = t_start + budget
         inference_s = 0.0
         try:
             try:
@@ -764,10 +834,9 @@ class _Servicer(pb_grpc.PolicyServicer):
     def Reset(self, request: Any, context: Any) -> Any:
         _log.info("reset requested by %s", context.peer())
         try:
-            self._s.backend.reset()
-        except Exception as exc:
-            _log.exception("backend %s reset failed", self._s.backend_type)
-            context.abort(grpc.StatusCode.INTERNAL, f"backend reset failed: {exc}")
+            self._s.reset(context)
+        except RequestError as exc:
+            context.abort(exc.code, exc.message)
         return pb.ResetReply()
 
 
@@ -785,30 +854,41 @@ def _parser() -> argparse.ArgumentParser:
                    "tokenizer: ...})")
     p.add_argument("--node", help="node section of --params to use when several have a backend section")
     p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to bind (default 127.0.0.1: not reachable from the network; use 0.0.0.0 "
-                        "with TLS and a token to serve robots)")
+                   help="address to bind (default 127.0.0.1: not reachable from the network). Any other address "
+                        "(0.0.0.0, ::, a LAN address, a host name other than localhost) needs TLS and client "
+                        "authentication (--tls-cert/--tls-key with --token-file or --client-ca) unless --insecure")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 = any free port, printed at start)")
     p.add_argument("--tls-cert", help="PEM server certificate (chain); enables TLS")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert (not encrypted; checked to match it at start)")
     p.add_argument("--client-ca", help="PEM CA bundle; clients must present a certificate it signed (mTLS)")
     p.add_argument("--token-file", help="file with the bearer token every call must carry")
     p.add_argument("--allow-insecure-token", action="store_true",
-                   help="accept --token-file without TLS (only behind a TLS-terminating proxy on this machine)")
+                   help="accept --token-file without TLS: for a loopback --host behind a TLS-terminating proxy on "
+                        "this machine, the only place a token in clear text does not cross the network (another "
+                        "--host also needs --insecure)")
     p.add_argument("--insecure", action="store_true",
-                   help="serve on a non-loopback --host without TLS and client authentication: anyone who can "
-                        "reach the port can then drive the policy and see the camera (isolated networks only)")
+                   help="serve on a network --host without TLS and/or client authentication: anyone who can reach "
+                        "the port can then drive the policy and see the camera (isolated networks only; logged at "
+                        "start). It does not allow a token without TLS (--allow-insecure-token) and changes "
+                        "nothing on loopback")
     p.add_argument("--max-calls-per-client", type=int, default=DEFAULT_MAX_CALLS_PER_CLIENT, metavar="N",
-                   help="concurrent calls one client host may hold (health checks not counted); more are "
-                        f"refused with RESOURCE_EXHAUSTED (default {DEFAULT_MAX_CALLS_PER_CLIENT})")
+                   help="concurrent calls one client host may hold (a stream counts for its lifetime, health "
+                        "checks not at all); more are refused with RESOURCE_EXHAUSTED at once (default "
+                        f"{DEFAULT_MAX_CALLS_PER_CLIENT}: a robot needs one stream or one call at a time). Behind a "
+                        "proxy every robot is the proxy's address: raise it to robots x "
+                        f"{DEFAULT_MAX_CALLS_PER_CLIENT}")
     p.add_argument("--image-size", metavar="WxH", help="image size the model expects, advertised to clients so "
                    "they resize every camera image before sending (e.g. 224x224)")
     p.add_argument("--cameras", metavar="NAME[,NAME...]",
                    help="cameras the hosted model needs, its primary first (e.g. camera,wrist): advertised to "
                         "clients, which send only these; an observation without one of them is refused. "
                         "Default: any cameras, the robot's primary first")
-    p.add_argument("--workers", type=int, default=8, help="worker threads = max concurrent calls (default 8)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="worker threads = max concurrent calls of all clients together (default 8)")
     p.add_argument("--infer-timeout-s", type=float, default=30.0,
-                   help="upper bound for one inference when the client sets no deadline (s)")
+                   help="upper bound (s) of one observation's wait for the model and of the budget handed to it, "
+                        "also when the client sets no deadline (a model that ignores its budget is not "
+                        "interrupted, but later calls stop waiting for it)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="reject larger images")
     p.add_argument("--max-request-bytes", type=int, metavar="BYTES",
                    help="refuse larger observation messages before reading them (default: raw rgb8 images of "
@@ -821,6 +901,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def missing_protection(host: str, *, tls: bool, client_auth: bool) -> list[str]:
+    """What a server on ``host`` lacks to be served to the network (flags included); [] on loopback,
+    where only this machine can connect."""
+    if is_loopback(host):
+        return []
+    return [what for what, absent in (("TLS (--tls-cert/--tls-key)", not tls),
+                                      ("client authentication (--token-file or --client-ca)", not client_auth))
+            if absent]
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Validate the security flags and read their files; ConfigError naming the flag otherwise."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -830,14 +920,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.token_file and not args.tls_cert and not args.allow_insecure_token:
         raise ConfigError("--token-file without TLS would send the token in clear text; add --tls-cert/--tls-key, "
                           "or --allow-insecure-token if a TLS-terminating proxy sits in front")
-    if not is_loopback(args.host) and not args.insecure and not (args.tls_cert and (args.token_file or args.client_ca)):
-        missing = " and ".join(m for m, absent in (
-            ("TLS (--tls-cert/--tls-key)", not args.tls_cert),
-            ("client authentication (--token-file or --client-ca)", not (args.token_file or args.client_ca)))
-            if absent)
-        raise ConfigError(f"--host {args.host} is reachable from other machines, so rt2-serve needs {missing} there: "
-                          "otherwise anyone who can reach the port can drive the policy and see the camera. Serve "
-                          "on 127.0.0.1 behind an SSH tunnel or proxy, or pass --insecure on an isolated network")
+    host = args.host.strip()
+    if host.startswith("[") and host.endswith("]"):  # "[::1]": the brackets belong to a URL, not to --host
+        host = host[1:-1]
+    missing = missing_protection(host, tls=bool(args.tls_cert), client_auth=bool(args.token_file or args.client_ca))
+    if missing and not args.insecure:
+        raise ConfigError(f"--host {host or repr(host)} is reachable from other machines, so rt2-serve needs "
+                          f"{' and '.join(missing)} there: otherwise anyone who can reach the port can drive the "
+                          "policy and see the camera. Serve on 127.0.0.1 behind an SSH tunnel or proxy, or pass "
+                          "--insecure on an isolated network")
     if args.max_calls_per_client < 1:
         raise ConfigError("--max-calls-per-client must be >= 1")
     token = None
@@ -878,7 +969,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     tls_cert, tls_key = load_cert_and_key("--tls-cert", args.tls_cert, "--tls-key", args.tls_key) \
         if args.tls_cert else (None, None)
     client_ca = load_ca_bundle("--client-ca", args.client_ca) if args.client_ca else None
-    return ServeConfig(host=args.host, port=args.port, tls_cert=tls_cert, tls_key=tls_key,
+    return ServeConfig(host=host, port=args.port, tls_cert=tls_cert, tls_key=tls_key,
                        client_ca=client_ca, token=token, workers=args.workers,
                        max_calls_per_client=args.max_calls_per_client,
                        infer_timeout_s=args.infer_timeout_s, max_image_pixels=args.max_image_pixels,
@@ -912,9 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
         backend.close()
         print(f"rt2-serve: error: {exc}", file=sys.stderr)
         return 1
-    if not is_loopback(config.host) and not (config.tls_cert and (config.token or config.client_ca)):
-        _log.warning("--insecure: serving on %s without TLS and client authentication: anyone who can reach this "
-                     "port can drive the policy and see the camera", config.host)
+    missing = missing_protection(config.host, tls=config.tls_cert is not None,
+                                 client_auth=bool(config.token or config.client_ca))
+    if missing:  # only reachable with --insecure (config_from_args refuses it otherwise)
+        _log.warning("--insecure: serving on %s without %s: anyone who can reach this port can drive the policy and "
+                     "see the camera", config.host, " and ".join(m.split(" (")[0] for m in missing))
+    elif args.insecure:
+        _log.info("--insecure has no effect here: %s", "a loopback --host" if is_loopback(config.host) else
+                  "TLS and client authentication are on")
     stop = threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

@@ -10,7 +10,8 @@ The instruction steers it:
   ``sleep:<s>``      answer after ``s`` seconds (a slow model, for deadline tests);
   ``ids``            answer with token ids instead of text;
   ``actions``        answer with a (2, 7) continuous action chunk;
-  ``fail``           raise BackendError (a model failure).
+  ``fail``           raise BackendError (a model failure);
+  ``budget``         answer the text ``budget <timeout_s>``: the budget rt2-serve handed the model.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class EchoBackend(Backend):
             time.sleep(min(float(instruction.split(":", 1)[1]), 10.0))  # a slow model that ignores deadlines
         if instruction == "fail":
             raise BackendError("echo backend was told to fail")
+        if instruction == "budget":
+            return BackendReply(seq=observation.seq, backend=self.name, text=f"budget {timeout_s!r}")
         bins = expected_bins(observation.seq, observation.image)
         if instruction == "ids":
             return BackendReply(seq=observation.seq, backend=self.name, token_ids=tuple(32000 - b for b in bins))

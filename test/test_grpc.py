@@ -77,9 +77,10 @@ class Server:
             if line is None:
                 self.proc.wait(timeout=5)
                 raise AssertionError(f"rt2-serve exited with {self.proc.returncode}: {self.log()}")
-            match = re.search(r"serving .* on [\d.]+:(\d+)", line)
+            match = re.search(r"serving .* on \S*:(\d+) \[", line)  # host: 127.0.0.1, 0.0.0.0, ::, ...
             if match:
                 self.port = int(match.group(1))
+                self.ready_line = line.strip()
                 return
 
     @property

@@ -3,9 +3,9 @@
 
 Starts the real processes over real DDS (localhost only): ``rt2-serve`` hosting the embedded
 policy, the policy node using it through the ``grpc`` backend, the safety node and the simulator.
-Episodes run back to back, each a random "pick up the <colour> cube and put it in the tray" for
-a cube not in the tray yet (the simulator is restarted when all are in, or after a failed
-episode). Faults come on a seeded schedule, one kind after another:
+Episodes run back to back, each a random "pick up the <colour> cube and put it in the tray" in a
+fresh scene (the simulator is restarted after every episode). Faults come on a seeded schedule,
+one kind after another:
 
 * ``backend_restart``: rt2-serve killed (SIGKILL) and started again on the same port 1 s later;
 * ``camera_gap``: the simulator paused (SIGSTOP) for 1.5 s: no camera frame, no ee_pose, no physics;
@@ -339,17 +339,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
                 report.unexpected_deaths = deaths
                 break
             wait(lambda: not faulting.is_set(), 30)
-            with lock:
-                objects = dict(state["objects"] or {})
-            todo = [c for c in COLOURS if not objects.get(f"{c}_cube", False)]
-            if not todo:  # every cube is in the tray: a fresh scene
-                stack.kill("sim")
-                stack.start("sim")
-                report.sim_restarts += 1
-                t_restart = time.monotonic()
-                wait(lambda t=t_restart: state["objects_t"] > t + 1.0, 30)
-                continue
-            colour = rng.choice(todo)
+            colour = rng.choice(COLOURS)
             instruction = f"pick up the {colour} cube and put it in the tray"
             before = status()
             say.publish(String(data=instruction))
@@ -376,12 +366,14 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
             first_episode_over.set()
             if not in_tray and st.state_name in ("RUNNING", "HOLDING") and not faulting.is_set():
                 say.publish(String(data=""))  # end a stuck episode before the next one
-            if not in_tray:  # a dropped cube may lie anywhere: start from a fresh scene
-                stack.kill("sim")
-                stack.start("sim")
-                report.sim_restarts += 1
-                t_restart = time.monotonic()
-                wait(lambda t=t_restart: state["objects_t"] > t + 1.0, 30)
+            # Every episode starts from a fresh scene: with a cube already in the tray the embedded policy
+            # often ends the next one believing it placed its cube when it is not in the tray (a policy limit
+            # seen in the first soak runs, not a safety matter), and a dropped cube may lie anywhere.
+            stack.kill("sim")
+            stack.start("sim")
+            report.sim_restarts += 1
+            t_restart = time.monotonic()
+            wait(lambda t=t_restart: state["objects_t"] > t + 1.0, 30)
         stop.set()
         inject.join(15)
         report.unexpected_deaths = report.unexpected_deaths or stack.dead_unexpectedly()
