@@ -55,6 +55,8 @@ FOUND = {
                      b'"dtype": ",1,0,0<f8", "shape": [2, 7]}}',
     # a params file that is not UTF-8: UnicodeDecodeError instead of ParamsFileError / ConfigError
     "params_yaml": b"rt2_policy:\n  ros__parameters:\n    backend: {type: embedded}\n# \xb3\n",
+    # a mapping as a key: TypeError (unhashable) from the params loader instead of ParamsFileError
+    "params_yaml-mapping-key": b"rt2_policy:\n  ros__parameters:\n    ? {a: 1}\n    : 3\n",
 }
 
 

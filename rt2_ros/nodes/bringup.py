@@ -83,8 +83,10 @@ def _rcl_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     loader.flatten_mapping(node)
     out = {}
     for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else loader.construct_object(key_node)
-        out[key] = loader.construct_object(value_node, deep=True)
+        if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key (found by fuzzing)
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a name, not a list or mapping",
+                                                    key_node.start_mark)
+        out[key_node.value] = loader.construct_object(value_node, deep=True)
     return out
 
 
