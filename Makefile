@@ -13,7 +13,7 @@ SOURCES := $(shell find rt2_ros scripts launch config -type f \( -name '*.py' -o
 .PHONY: setup setup-test demo test lint clean distclean
 
 setup: $(STAMPS)/installed
-setup-test: $(STAMPS)/installed $(STAMPS)/local-extra
+setup-test: $(STAMPS)/installed $(STAMPS)/local-extra $(STAMPS)/fleet-extra
 
 $(STAMPS)/venv:
 	@mkdir -p $(STAMPS)
@@ -42,6 +42,11 @@ $(STAMPS)/installed: $(STAMPS)/interfaces $(SOURCES)
 # Optional extra for the `local` backend (torch CPU + transformers); the tests use it.
 $(STAMPS)/local-extra: requirements-local.txt $(STAMPS)/requirements
 	$(PIP) install -q -r requirements-local.txt
+	@touch $@
+
+# Optional extra for fleet serving on Ray Serve (rt2-fleet-serve); the tests use it, `make demo` does not.
+$(STAMPS)/fleet-extra: requirements-fleet.txt $(STAMPS)/local-extra
+	$(PIP) install -q -r requirements-fleet.txt
 	@touch $@
 
 lint: $(STAMPS)/requirements

@@ -54,6 +54,7 @@ setup(
         "console_scripts": [
             "rt2-tokens = rt2_ros.tokens_cli:main",
             "rt2-serve = rt2_ros.serve:main",
+            "rt2-fleet-serve = rt2_ros.fleet.front:main",
             "rt2-bringup = rt2_ros.nodes.bringup:main",
             "rt2-say = rt2_ros.nodes.say:main",
             "rt2-status = rt2_ros.nodes.status:main",

@@ -73,8 +73,9 @@ def _bins_ok(tokenizer: ActionTokenizer, bins: np.ndarray) -> bool:
     return action.is_finite()
 
 
-def _base_bins(tokenizer: ActionTokenizer) -> np.ndarray:
-    """Some valid bin vector to vary one dimension at a time from (a zero-motion action)."""
+def zero_motion_bins(tokenizer: ActionTokenizer) -> np.ndarray:
+    """The bins of a zero-motion action, valid for the profile (the grammars vary one dimension at a time
+    from it; the model-cost simulator answers with it)."""
     from rt2_ros.actions import ArmAction
 
     candidates = (ArmAction(np.zeros(3), np.zeros(3), 0.0), ArmAction.hold())
@@ -95,7 +96,7 @@ def valid_bins_per_dim(tokenizer: ActionTokenizer) -> tuple[np.ndarray, ...]:
     bin) rather than re-deriving its rules, so a profile whose terminate dimension has only two
     or three classes, or whose id map has holes, is honoured without code here knowing why.
     """
-    base = _base_bins(tokenizer)
+    base = zero_motion_bins(tokenizer)
     out = []
     for dim in range(tokenizer.n_dims):
         ok = []
@@ -313,7 +314,7 @@ def id_grammar(tokenizer: ActionTokenizer, vocab_size: int | None = None) -> IdG
 
     ``vocab_size``: the model's logits width; every action id must fit in it.
     """
-    base = _base_bins(tokenizer)
+    base = zero_motion_bins(tokenizer)
     valid = valid_bins_per_dim(tokenizer)
     action_ids = {int(i) for i in np.asarray(tokenizer.valid_token_ids()).ravel()}
     per_dim = []

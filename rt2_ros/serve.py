@@ -81,6 +81,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 import numpy as np
@@ -112,7 +113,8 @@ _PEERS_REMEMBERED = 1024  # peers whose refusals are tracked for the log rate li
 REFUSAL_LINES_PER_INTERVAL = 20  # refused-call log lines per refusal_log_interval_s, all clients together
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's message size options are int32
 # any version's service: rt2_ros.policy.v<N>.Policy (the package name embeds the protocol version)
-_PROTOCOL_METHOD = re.compile(r"^/rt2_ros\.policy\.v(\d+)\.Policy/(\w+)$")
+# (ASCII, at most 6 digits: the method is the caller's text, and int() of 5,000 digits raises)
+_PROTOCOL_METHOD = re.compile(r"/rt2_ros\.policy\.v(\d{1,6})\.Policy/(\w+)", re.ASCII)
 
 
 class RequestError(Exception):
@@ -440,9 +442,10 @@ class CallStats:
 
 
 def peer_host(peer: str) -> str:
-    """The host of a gRPC peer string ("ipv4:10.0.0.5:40000" -> "10.0.0.5", "ipv6:[::1]:5" -> "::1");
+    """The host of a gRPC peer string ("ipv4:10.0.0.5:40000" -> "10.0.0.5", "ipv6:%5B::1%5D:5" -> "::1");
     one robot may open several connections, so limits and logs go by host, not by connection."""
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)  # gRPC percent-encodes the brackets of an IPv6 peer (grpcio 1.85: "ipv6:%5B::1%5D:5")
     if kind == "ipv6" and rest.startswith("["):
         return rest[1:rest.find("]")]
     if kind == "ipv4":
@@ -495,7 +498,7 @@ class RefusalLog:
                 self._peers.move_to_end(key)
                 self._trim()
                 more = f" ({suppressed} more refused since the last line)" if suppressed else ""
-                line = f"refused {method} from {peer}: {reason}{more}"
+                line = f"refused {method} from {unquote(peer)}: {reason}{more}"  # "ipv6:[::1]:5", not %5B
         _log.warning("%s", line)
 
     def _trim(self) -> None:
@@ -647,7 +650,7 @@ class OtherVersionHandler(grpc.GenericRpcHandler):
         self._refusals = refusals
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        match = _PROTOCOL_METHOD.match(handler_call_details.method)
+        match = _PROTOCOL_METHOD.fullmatch(handler_call_details.method)
         if match is None or int(match.group(1)) == PROTOCOL_VERSION:
             return None
         theirs, method = int(match.group(1)), match.group(2)
@@ -680,7 +683,10 @@ class PolicyServer:
             tokenizer_profile=str(getattr(tokenizer, "profile", "") or ""), image_width=size[0],
             image_height=size[1], image_formats=[pb.Image.JPEG, pb.Image.PNG, pb.Image.RAW],
             server_version=__version__, cameras=list(config.cameras))
-        self._model_lock = threading.Lock()  # one inference at a time: models are not re-entrant
+        # One inference at a time (models are not re-entrant), unless the backend declares itself safe to
+        # call concurrently: rt2_ros.fleet forwards to Ray Serve, whose replicas batch concurrent calls.
+        concurrent = config.workers if getattr(backend, "concurrent_safe", False) else 1
+        self._model_lock = threading.BoundedSemaphore(concurrent)
         self._stats = CallStats(config.summary_interval_s)
         self.refusals = RefusalLog(self._stats, config.refusal_log_interval_s)
         # the token is checked first: an unauthenticated caller never takes one of a client's slots
@@ -843,7 +849,7 @@ class _Servicer(pb_grpc.PolicyServicer):
 # -- CLI ------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rt2-serve", description="Serve a VLA backend over rt2_ros's gRPC policy protocol (see docs/grpc.md).")
     p.add_argument("--backend", choices=sorted(BACKENDS), help="backend type to host (its backend.<type>.* keys "
@@ -977,8 +983,45 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                        image_size=image_size, cameras=cameras, summary_interval_s=args.summary_interval_s)
 
 
+def serve_until_signalled(server: PolicyServer, program: str, *, insecure_flag: bool = False,
+                          detail: str = "") -> None:
+    """Start ``server``, print the readiness line (``<program>: serving ... on host:port [security]<detail>``;
+    tests and scripts wait for it, logs go to stderr), serve until SIGINT/SIGTERM, then stop it. Shared
+    by rt2-serve and rt2-fleet-serve, so both warn alike about what an --insecure server lacks."""
+    config, backend_type = server.config, server.backend_type
+    missing = missing_protection(config.host, tls=config.tls_cert is not None,
+                                 client_auth=bool(config.token or config.client_ca))
+    if missing:  # only reachable with --insecure (config_from_args refuses it otherwise)
+        _log.warning("--insecure: serving on %s without %s: anyone who can reach this port can drive the policy and "
+                     "see the camera", config.host, " and ".join(m.split(" (")[0] for m in missing))
+    elif insecure_flag:
+        _log.info("--insecure has no effect here: %s", "a loopback --host" if is_loopback(config.host) else
+                  "TLS and client authentication are on")
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda _signum, _frame: stop.set())
+    server.start()
+    security = ("mTLS" if config.client_ca else "TLS" if config.tls_cert else "plaintext") + (
+        " + token" if config.token else "")
+    print(f"{program}: serving {backend_type} ({server.model or 'model n/a'}) on {config.host}:{server.port} "
+          f"[{security}]{detail}", flush=True)
+    _log.info("serving %s on %s:%d [%s], %d workers, rt2_ros protocol v%d, cameras %s, messages up to %d bytes in "
+              "and %d out", backend_type, config.host, server.port, security, config.workers, PROTOCOL_VERSION,
+              ", ".join(config.cameras) or "any", request_bytes_cap(config), config.max_reply_bytes)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        _log.info("shutting down")
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
@@ -1003,36 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         backend.close()
         print(f"rt2-serve: error: {exc}", file=sys.stderr)
         return 1
-    missing = missing_protection(config.host, tls=config.tls_cert is not None,
-                                 client_auth=bool(config.token or config.client_ca))
-    if missing:  # only reachable with --insecure (config_from_args refuses it otherwise)
-        _log.warning("--insecure: serving on %s without %s: anyone who can reach this port can drive the policy and "
-                     "see the camera", config.host, " and ".join(m.split(" (")[0] for m in missing))
-    elif args.insecure:
-        _log.info("--insecure has no effect here: %s", "a loopback --host" if is_loopback(config.host) else
-                  "TLS and client authentication are on")
-    stop = threading.Event()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda _signum, _frame: stop.set())
-    server.start()
-    security = ("mTLS" if config.client_ca else "TLS" if config.tls_cert else "plaintext") + (
-        " + token" if config.token else "")
-    # machine-readable readiness line (tests and scripts wait for it); logs go to stderr
-    print(f"rt2-serve: serving {backend_type} ({server.model or 'model n/a'}) on {config.host}:{server.port} "
-          f"[{security}]", flush=True)
-    _log.info("serving %s on %s:%d [%s], %d workers, rt2_ros protocol v%d, cameras %s, messages up to %d bytes in "
-              "and %d out", backend_type, config.host, server.port, security, config.workers, PROTOCOL_VERSION,
-              ", ".join(config.cameras) or "any", request_bytes_cap(config), config.max_reply_bytes)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        _log.info("shutting down")
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    serve_until_signalled(server, "rt2-serve", insecure_flag=args.insecure)
     return 0
 
 

@@ -939,7 +939,7 @@ def test_serve_refuses_unsafe_or_bad_flags(args: list[str], fragment: str, param
 
 
 def test_serve_insecure_token_allowed_explicitly(params: Path, token_file: Path) -> None:
-    args = serve._parser().parse_args(["--backend-class", ECHO, "--params", str(params), "--token-file",
+    args = serve.build_parser().parse_args(["--backend-class", ECHO, "--params", str(params), "--token-file",
                                        str(token_file), "--allow-insecure-token"])
     assert serve.config_from_args(args).token == TOKEN.encode()
 

@@ -353,6 +353,36 @@ def test_constrained_output_is_always_a_valid_action(tiny, arch, profile, form, 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("profile,form,style,extra", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_batched_generate_answers_each_row_as_alone(tiny, arch, profile, form, style, extra):
+    """infer_batch runs one generate over left-padded prompts of different lengths; each row's greedy,
+    constrained answer equals the one infer() gives it alone, and a bad row fails alone."""
+    tok = _case_tokenizer(profile, form, extra, tiny.vocab_size)
+    backend = create_backend("local", {"model_path": tiny(arch, style, 1), "device": "cpu"}, tok)
+    rng = np.random.default_rng(7)
+    tasks = ["open the drawer", "stack the green cup on the plate and then push the blue button twice", "",
+             "pick up the red block", "put the cube in the tray"]
+    batch = [Observation(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), task, seq=10 + i, stamp=float(i))
+             for i, task in enumerate(tasks)]
+    generates = []
+    original = backend._model.generate
+    backend._model.generate = lambda **kw: generates.append(kw["input_ids"].shape) or original(**kw)
+    try:
+        results = backend.infer_batch(batch, timeout_s=60.0)
+        assert generates == [generates[0]] and generates[0][0] == 4, generates  # one generate, 4 good rows
+        alone = [backend.infer(obs, timeout_s=30.0) if obs.instruction else None for obs in batch]
+    finally:
+        backend._model.generate = original
+        backend.close()
+    assert isinstance(results[2], BackendError) and "prompt" in str(results[2])  # the empty instruction, alone
+    for obs, got, expect in zip(batch, results, alone, strict=True):
+        if expect is None:
+            continue
+        assert got.seq == obs.seq and (got.text, got.token_ids) == (expect.text, expect.token_ids), obs.instruction
+        assert tok.decode(_decode(tok, got), got.seq).is_finite()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("profile,form,style", [("rt2", "text", "numbers"), ("openvla", "ids", "numbers")])
 def test_without_the_grammar_random_weights_answer_junk(tiny, arch, profile, form, style):
     """The control experiment: the same models, unconstrained, produce invalid answers (the test can fail)."""
@@ -405,7 +435,7 @@ def test_append_token_ids_and_prompt_template(tiny):
     tok = _tokenizer("rt2")
     backend = create_backend("local", {"model_path": tiny("llava"), "device": "cpu", "append_token_ids": [7, 8],
                                        "prompt_template": "{image}USER: {prompt}"}, tok)
-    inputs = backend._model_inputs(_observations(1, 0)[0])
+    inputs = backend._model_inputs([backend._prompt_and_images(_observations(1, 0)[0])])
     assert inputs["input_ids"][0, -2:].tolist() == [7, 8]
     assert inputs["input_ids"].shape == inputs["attention_mask"].shape
     tok.parse_text(backend.infer(_observations(1, 0)[0], 30.0).text)
@@ -446,7 +476,7 @@ def test_cameras_reach_the_processor_in_order(tiny, cameras):
     path = tiny("llava")
     backend = create_backend("local", {"model_path": path, "device": "cpu", "cameras": cameras}, tok)
     obs = _two_cameras()
-    inputs = backend._model_inputs(obs)
+    inputs = backend._model_inputs([backend._prompt_and_images(obs)])
     names = cameras or ["camera"]
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     expected = processor(text="<image>" * len(names) + tok.prompt(obs.instruction),

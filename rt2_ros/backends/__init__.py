@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "openpi": "rt2_ros.backends.openpi:OpenPIBackend",
     "openai": "rt2_ros.backends.openai_compat:OpenAICompatBackend",
     "scripted": "rt2_ros.backends.scripted:ScriptedBackend",
+    "simulated_model": "rt2_ros.backends.simulated_model:SimulatedModelBackend",
 }
 
 

@@ -79,6 +79,22 @@ class Backend(abc.ABC):
     def infer(self, observation: Observation, timeout_s: float) -> BackendReply:
         """Answer one observation within ``timeout_s`` or raise BackendError/BackendTimeout."""
 
+    def infer_batch(self, observations: Sequence[Observation], timeout_s: float) -> list[BackendReply | BackendError]:
+        """Answer several observations within ``timeout_s`` in total (a batching server calls this).
+
+        One result per observation, in order: its reply, or the BackendError that observation alone
+        raised (one bad observation does not fail the others). This default is a loop over
+        :meth:`infer` under one deadline; a backend that can run one batched forward pass overrides it.
+        """
+        deadline = time.monotonic() + timeout_s
+        results: list[BackendReply | BackendError] = []
+        for observation in observations:
+            try:
+                results.append(self.infer(observation, time_left(deadline)))
+            except BackendError as exc:
+                results.append(exc)
+        return results
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """A new episode starts (new instruction); stateful backends clear their state."""
 

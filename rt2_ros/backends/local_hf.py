@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -144,6 +145,12 @@ class LocalHFBackend(Backend):
         self.load_time_s = time.monotonic() - t0
         self._is_encoder_decoder = bool(getattr(self._model.config, "is_encoder_decoder", False))
         self._eos_token_id = self._find_eos()
+        # Batches are left-padded, so every row's answer starts at the same column; a tokenizer without a
+        # pad token pads with EOS (masked out by the attention mask), one with neither answers row by row.
+        self._hf_tokenizer.padding_side = "left"
+        if self._hf_tokenizer.pad_token_id is None and self._eos_token_id is not None:
+            self._hf_tokenizer.pad_token = self._hf_tokenizer.convert_ids_to_tokens(self._eos_token_id)
+        self._can_batch = self._hf_tokenizer.pad_token_id is not None
         self._token_form = self._resolve_token_form()
         self._grammar = self._build_grammar()
         limit = opts["max_new_tokens"]
@@ -186,29 +193,53 @@ class LocalHFBackend(Backend):
 
     # -- Backend -------------------------------------------------------------------------------------
     def infer(self, observation: Observation, timeout_s: float) -> BackendReply:
+        result = self.infer_batch([observation], timeout_s)[0]
+        if isinstance(result, BackendError):
+            raise result
+        return result
+
+    def infer_batch(self, observations: Sequence[Observation], timeout_s: float) -> list[BackendReply | BackendError]:
+        """One batched, grammar-constrained ``generate`` for all ``observations`` (left-padded prompts, one
+        grammar state per row); each row's answer is the one :meth:`infer` gives it alone (greedy)."""
         if not timeout_s > 0:
             raise BackendTimeout(f"local: no time budget left ({timeout_s:.3f} s)")
+        if len(observations) > 1 and not self._can_batch:
+            return super().infer_batch(observations, timeout_s)
+        results: list[BackendReply | BackendError | None] = [None] * len(observations)
         with self._lock:
             if self._model is None:
                 raise BackendError("local: backend is closed")
             t0 = time.monotonic()
-            inputs = self._model_inputs(observation)
-            prompt_length = 1 if self._is_encoder_decoder else int(inputs["input_ids"].shape[1])
-            new_ids = self._generate(inputs, prompt_length, timeout_s)
+            rows: list[int] = []
+            prompts: list[tuple[str, list[Any]]] = []
+            for i, observation in enumerate(observations):
+                try:  # a bad observation (empty instruction, missing camera) fails alone
+                    prompts.append(self._prompt_and_images(observation))
+                    rows.append(i)
+                except BackendError as exc:
+                    results[i] = exc
+            if rows:
+                inputs = self._model_inputs(prompts)
+                prompt_length = 1 if self._is_encoder_decoder else int(inputs["input_ids"].shape[1])
+                generated = self._generate(inputs, prompt_length, timeout_s)
             elapsed = time.monotonic() - t0
-        if elapsed > timeout_s:
+        if rows and elapsed > timeout_s:
             raise BackendTimeout(f"local: generation took {elapsed:.3f} s, over the {timeout_s:.3f} s budget")
+        for i, new_ids in zip(rows, generated if rows else [], strict=True):
+            results[i] = self._reply(observations[i].seq, new_ids, elapsed)
+        return results  # type: ignore[return-value]
+
+    def _reply(self, seq: int, new_ids: list[int], elapsed: float) -> BackendReply | BackendError:
         if self._grammar is not None and self.options["constrained"]:
             state = self._grammar.walk(new_ids)
             if state is None or not self._grammar.accepts(state):
                 # Only a generation cut short (max_time, a too small max_new_tokens) ends here.
-                raise BackendError(f"local: generation stopped before a whole action ({len(new_ids)} tokens); "
-                                   f"raise {_P}max_new_tokens or set it to 0")
+                return BackendError(f"local: generation stopped before a whole action ({len(new_ids)} tokens); "
+                                    f"raise {_P}max_new_tokens or set it to 0")
         if self._token_form == "ids":
-            return BackendReply(seq=observation.seq, backend=self.name, token_ids=tuple(new_ids),
-                                server_time_s=elapsed)
+            return BackendReply(seq=seq, backend=self.name, token_ids=tuple(new_ids), server_time_s=elapsed)
         text = self._hf_tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return BackendReply(seq=observation.seq, backend=self.name, text=text.strip(), server_time_s=elapsed)
+        return BackendReply(seq=seq, backend=self.name, text=text.strip(), server_time_s=elapsed)
 
     def close(self) -> None:
         with self._lock:
@@ -339,27 +370,38 @@ class LocalHFBackend(Backend):
             raise BackendError(f"local: cannot build the prompt: {exc}") from None
         return self.options["prompt_template"].replace("{image}", image_token * n_images).replace("{prompt}", prompt)
 
-    def _model_inputs(self, observation: Observation) -> dict[str, Any]:
+    def _prompt_and_images(self, observation: Observation) -> tuple[str, list[Any]]:
+        """The prompt text and the PIL images (none for causal_lm) of one observation."""
+        if self._kind != "image_text_to_text":
+            return self._prompt_text(observation.instruction), []
+        from PIL import Image
+
+        frames = camera_frames(observation, self._cameras, f"{_P}cameras", self.name)
+        images = [Image.fromarray(np.ascontiguousarray(f)) for _, f in frames]  # uint8 HxWx3 -> RGB
+        return self._prompt_text(observation.instruction, len(images)), images
+
+    def _model_inputs(self, prompts: Sequence[tuple[str, list[Any]]]) -> dict[str, Any]:
+        """Model inputs of a batch of (prompt, images), prompts left-padded to one length so that every
+        row's answer starts at the same column."""
         torch = self._torch
+        texts = [text for text, _ in prompts]
+        padding = {"padding": True} if len(prompts) > 1 else {}
         try:
             if self._kind == "image_text_to_text":
-                from PIL import Image
-
-                frames = camera_frames(observation, self._cameras, f"{_P}cameras", self.name)
-                images = [Image.fromarray(np.ascontiguousarray(f)) for _, f in frames]  # uint8 HxWx3 -> RGB
-                text = self._prompt_text(observation.instruction, len(images))
-                # one image as itself (what single-image processors expect), several as a list
-                inputs = dict(self._processor(text=text, images=images[0] if len(images) == 1 else images,
-                                              return_tensors="pt"))
+                # one image per row as itself (what single-image processors expect), several as a list
+                images = [imgs[0] if len(imgs) == 1 else imgs for _, imgs in prompts]
+                inputs = dict(self._processor(text=texts if len(texts) > 1 else texts[0],
+                                              images=images if len(images) > 1 else images[0],
+                                              return_tensors="pt", **padding))
             else:
-                text = self._prompt_text(observation.instruction)
-                inputs = dict(self._hf_tokenizer(text, return_tensors="pt"))
+                inputs = dict(self._hf_tokenizer(texts if len(texts) > 1 else texts[0], return_tensors="pt",
+                                                 **padding))
         except (ValueError, TypeError, KeyError) as exc:
             raise BackendError(f"local: the processor rejected the prompt/image: {_one_line(exc)}") from None
         extra = self.options["append_token_ids"]
         if extra:
             ids = inputs["input_ids"]
-            tail = torch.tensor([extra], dtype=ids.dtype)
+            tail = torch.tensor([extra] * ids.shape[0], dtype=ids.dtype)
             inputs["input_ids"] = torch.cat([ids, tail], dim=1)
             if "attention_mask" in inputs:
                 mask = inputs["attention_mask"]
@@ -373,7 +415,7 @@ class LocalHFBackend(Backend):
             out[key] = value
         return out
 
-    def _generate(self, inputs: dict[str, Any], prompt_length: int, timeout_s: float) -> list[int]:
+    def _generate(self, inputs: dict[str, Any], prompt_length: int, timeout_s: float) -> list[list[int]]:
         tf = self._transformers
         eos = self._eos_token_id
         processors = tf.LogitsProcessorList()
@@ -394,9 +436,17 @@ class LocalHFBackend(Backend):
         except (RuntimeError, ValueError, IndexError) as exc:
             raise BackendError(f"local: generation failed: {_one_line(exc)}") from None
         start = 1 if self._is_encoder_decoder else int(inputs["input_ids"].shape[1])
-        new_ids = [int(t) for t in out[0, start:].tolist()]
-        if eos is not None and eos in new_ids:
-            new_ids = new_ids[:new_ids.index(eos)]
+        return [self._answer_ids([int(t) for t in row]) for row in out[:, start:].tolist()]
+
+    def _answer_ids(self, new_ids: list[int]) -> list[int]:
+        """A row's answer: its ids up to EOS, or, on a model without EOS, up to where the grammar ended it
+        (a row that finished before the others in its batch is padded after that)."""
+        eos = self._eos_token_id
+        if eos is not None:
+            return new_ids[:new_ids.index(eos)] if eos in new_ids else new_ids
+        if self._grammar is not None and self.options["constrained"]:
+            done = GrammarStoppingCriteria(self._grammar, 0, None)
+            return next((new_ids[:k] for k in range(1, len(new_ids) + 1) if done.row_done(new_ids[:k])), new_ids)
         return new_ids
 
 
