@@ -6,7 +6,9 @@ Here: every kind of network ``--host`` is refused before anything binds; what ``
 ``--allow-insecure-token`` each allow and no more; TLS files named in every error; a slot freed at
 the deadline and at the cancel of unary and streaming calls while the model still runs; limits per
 client host (127.0.0.1 and ::1 are two clients); every call bounded by ``--infer-timeout-s`` with
-no client deadline; and the refusal log bounded across many clients. Servers are ``python -m
+no client deadline; the refusal log bounded across many clients; an IPv6 client limited by its own
+address; a slot freed when its client is killed while the model works on its observation; and a
+crafted protocol version in the service name refused without a server error. Servers are ``python -m
 rt2_ros.serve`` processes (test_grpc.Server); RefusalLog and the summary counters are also tested
 in-process, since one machine cannot call from a thousand addresses.
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,3 +348,90 @@ def test_a_flood_of_refusals_alone_still_gets_summary_lines(caplog):
     assert len(summaries) == 2, summaries
     assert "0 answered, 0 failed, 5 refused (auth) from 2 clients, most 10.0.0.7 (3);" in summaries[0]
     assert "0 answered, 0 failed, 1 refused (per-client limit) from 1 client, most 10.0.0.9 (1);" in summaries[1]
+
+
+# -- client identity, a client that dies, caller-controlled method names -----------------------------
+
+
+def test_peer_host_reads_grpcs_percent_encoded_ipv6_peers():
+    assert serve.peer_host("ipv4:10.0.0.5:40000") == "10.0.0.5"
+    assert serve.peer_host("ipv6:%5B::1%5D:36222") == "::1"  # what grpcio 1.85's context.peer() says
+    assert serve.peer_host("ipv6:%5Bfe80::1%25eth0%5D:5") == "fe80::1%eth0"
+    assert serve.peer_host("ipv6:[2001:db8::7]:5") == "2001:db8::7"
+
+
+def test_an_ipv6_client_is_limited_by_its_own_address(one_call_server):
+    """Every IPv6 client used to be the one host "ipv6" (gRPC percent-encodes the peer's brackets), so
+    one IPv6 robot's calls took the slots of every other IPv6 robot."""
+    with grpc.insecure_channel(f"127.0.0.1:{one_call_server.port}") as v4, \
+            grpc.insecure_channel(f"[::1]:{one_call_server.port}") as v6:
+        stub4, stub6 = pb_grpc.PolicyStub(v4), pb_grpc.PolicyStub(v6)
+        wait_model_free(stub6)
+        held = stub6.Infer.future(request("sleep:0.8"), timeout=10)
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub6.GetInfo(pb.InfoRequest(), timeout=2)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == "more than 1 concurrent calls from ::1 (rt2-serve --max-calls-per-client)"
+        assert slot_state(stub4) == grpc.StatusCode.OK
+        assert held.result().HasField("text")
+    assert re.search(r"refused /rt2_ros\.policy\.v2\.Policy/GetInfo from ipv6:\[::1\]:\d+: more than 1",
+                     one_call_server.log()), one_call_server.log()[-2000:]  # readable, not ipv6:%5B::1%5D
+
+
+def test_a_client_killed_while_its_observation_is_in_the_model_frees_its_slot(one_call_server):
+    """The robot process dies mid-stream (no cancel, no goodbye) while the model works 2 s on its
+    observation: the slot is free once the connection drops, not when the model returns."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, grpc, numpy as np
+        sys.path[:0] = [{str(REPO)!r}]
+        from rt2_ros.actions import Observation
+        from rt2_ros.backends.grpc_client import observation_to_proto
+        from rt2_ros.backends.proto import load
+        pb, pb_grpc = load()
+        stub = pb_grpc.PolicyStub(grpc.insecure_channel("127.0.0.1:{one_call_server.port}"))
+        def observations():
+            yield observation_to_proto(Observation(image=np.zeros((8, 8, 3), np.uint8), instruction="sleep:2",
+                                                   seq=1, stamp=1.0))
+            time.sleep(600)
+        replies = stub.InferStream(observations())
+        print("streaming", flush=True)
+        next(replies)
+        """)], stdout=subprocess.PIPE, text=True)
+    with grpc.insecure_channel(f"127.0.0.1:{one_call_server.port}") as channel:
+        stub = pb_grpc.PolicyStub(channel)
+        try:
+            wait_model_free(stub)
+            assert holder.stdout.readline().strip() == "streaming"
+            t0 = time.monotonic()
+            while slot_state(stub) != grpc.StatusCode.RESOURCE_EXHAUSTED:  # its stream holds the one slot
+                assert time.monotonic() - t0 < 5.0, "the killed-to-be client never held its slot"
+                time.sleep(0.02)
+            time.sleep(0.3)  # its observation is in the model
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(5)
+            t_kill = time.monotonic()
+            while slot_state(stub) != grpc.StatusCode.OK:
+                assert time.monotonic() - t_kill < 1.0, "the slot was not freed within 1 s of the client's death"
+                time.sleep(0.02)
+            print(f"slot free {time.monotonic() - t_kill:.3f} s after the client was killed (model busy 2 s)")
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(5)
+        wait_model_free(stub)
+
+
+def test_a_crafted_protocol_version_is_refused_without_a_server_error(one_call_server):
+    """The service name is the caller's text: 5,000 digits of "version" made int() raise in the handler
+    lookup, answered UNKNOWN with a traceback in the server log for every such call."""
+    with grpc.insecure_channel(f"127.0.0.1:{one_call_server.port}") as channel:
+        for version in ("9" * 5000, "\u0661"):  # huge; an Arabic-Indic digit one
+            with pytest.raises(grpc.RpcError) as unknown:
+                channel.unary_unary(f"/rt2_ros.policy.v{version}.Policy/Infer")(b"", timeout=3)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED, unknown.value
+        with pytest.raises(grpc.RpcError) as old:  # a real v1 robot still gets the upgrade advice
+            channel.unary_unary("/rt2_ros.policy.v1.Policy/Infer")(b"", timeout=3)
+        assert old.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    log = one_call_server.log()
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
