@@ -451,7 +451,10 @@ def test_backend_server_fault_holds_counts_and_recovers(probe, stack, fault_serv
         assert t_zero - t_fault <= limit
         values = wait_policy_counter(probe, t_fault, ("backend_errors",), errors + 2)
         st = latest_status(probe)
-        assert st.state_name == "HOLDING" and uid(st.episode_id) == ep and st.watchdog_trips >= 1, st
+        # Held by the watchdog; on a loaded machine the probe's ee_pose may go stale first, and the node
+        # then holds for that (hold:no_fresh_pose) before the watchdog would trip: a hold either way.
+        assert st.state_name == "HOLDING" and uid(st.episode_id) == ep, st
+        assert st.watchdog_trips >= 1 or drops(st).get("hold:no_fresh_pose"), st
         # Every call under the fault ended within its budget, in total (the policy's own measurement).
         calls = probe.since("tokens", t_fault + EXECUTE_PERIOD_S)  # every outcome, failed or not
         assert len(calls) >= 2, "no call under the fault was reported on ~/action_tokens"
@@ -680,7 +683,9 @@ def test_estop_latched_before_the_safety_node_starts_holds_it(probe, stack):
         s.start("safety")
         wait_status(probe, lambda st: st.state_name == "ESTOPPED", 10.0, "ESTOPPED from the latched e-stop")
     finally:
-        probe.node.destroy_publisher(pub)
+        pub.publish(Bool(data=False))  # the latched sample a later safety node would get: harmless
+        time.sleep(0.1)
+        probe.node.destroy_publisher(pub.pub)  # else every later safety node of this run starts ESTOPPED
         release_estop(probe)
 
 
