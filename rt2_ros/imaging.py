@@ -12,8 +12,11 @@ PIL for everything (two image libraries where one does); hand-written encoders.
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+import PIL.Image
 from openpi_client import image_tools
 
 
@@ -72,12 +75,29 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def declared_size(data: bytes) -> tuple[int, int]:
+    """(width, height) a JPEG/PNG header declares, read without decoding the pixels, so a server can refuse
+    a small file that would decompress to gigabytes before it allocates them (Pillow reads headers lazily)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("JPEG", "PNG"):
+                raise ImageEncodeError(f"bytes are a {img.format} image, not JPEG/PNG")
+            return img.size
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        if isinstance(exc, ImageEncodeError):
+            raise
+        raise ImageEncodeError(f"bytes are not a decodable JPEG/PNG image ({exc})") from None
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """RGB uint8 HxWx3 array from JPEG/PNG bytes (the inverse of the encoders; used by servers and tests)."""
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error as exc:  # e.g. more pixels than OPENCV_IO_MAX_IMAGE_PIXELS
+        raise ImageEncodeError(f"bytes are not a decodable JPEG/PNG image ({exc.err or exc})") from None
     if arr is None:
         raise ImageEncodeError("bytes are not a decodable JPEG/PNG image")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-__all__ = ["ImageEncodeError", "decode_image", "encode_jpeg", "encode_png", "resize"]
+__all__ = ["ImageEncodeError", "declared_size", "decode_image", "encode_jpeg", "encode_png", "resize"]

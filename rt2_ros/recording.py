@@ -1003,61 +1003,66 @@ def replay(path: str | Path, recorded: Mapping[str, Any] | None = None,
         kind = _classify(m)
         if kind is None:
             continue
-        base.advance(t)
-        cand.advance(t)
-        msg = m.message
-        if kind == "tokens":
-            n_replies += 1
-            replies[int(msg.observation_seq)] = msg
-            if msg.profile:
-                profiles.add(msg.profile)
-        elif kind == "pose":
-            p, q = msg.pose.position, msg.pose.orientation
-            pose_time = replay_time(getattr(getattr(msg, "header", None), "stamp", None))
-            for sim in (base, cand):
-                sim.on_pose(t, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z), pose_time)
-        elif kind == "episode":
-            episode_id = _episode_key(msg.episode_id)
-            if msg.active:
-                instructions.append(msg.instruction)
-                episodes.setdefault(short_id(episode_id), msg.instruction)
-            for sim in (base, cand):
-                sim.on_episode(t, episode_id, bool(msg.active), msg.reason)
-        elif kind == "instruction":
-            if msg.data.strip():
-                topic_instructions.append(msg.data)
-        elif kind == "estop":
-            for sim in (base, cand):
-                sim.on_estop(bool(msg.data))
-        elif kind == "status":
-            statuses.append(msg)
-        elif kind == "action":
-            rec_action = _arm_action_from_msg(msg)
-            seq = rec_action.observation_seq
-            executed.add(seq)
-            tokens_msg = replies.get(seq)
-            redecoded, note, match = None, "no ActionTokens recorded for this observation", None
-            if tokens_msg is not None:
-                redecoded, note = _redecode(cand_tok, tokens_msg, seq)
-                if redecoded is not None:
-                    match = _same_action(rec_action, redecoded)
-                elif note:
-                    match = False
+        try:
+            base.advance(t)
+            cand.advance(t)
+            msg = m.message
+            if kind == "tokens":
+                n_replies += 1
+                replies[int(msg.observation_seq)] = msg
+                if msg.profile:
+                    profiles.add(msg.profile)
+            elif kind == "pose":
+                p, q = msg.pose.position, msg.pose.orientation
+                pose_time = replay_time(getattr(getattr(msg, "header", None), "stamp", None))
+                for sim in (base, cand):
+                    sim.on_pose(t, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z), pose_time)
+            elif kind == "episode":
+                episode_id = _episode_key(msg.episode_id)
+                if msg.active:
+                    instructions.append(msg.instruction)
+                    episodes.setdefault(short_id(episode_id), msg.instruction)
+                for sim in (base, cand):
+                    sim.on_episode(t, episode_id, bool(msg.active), msg.reason)
+            elif kind == "instruction":
+                if msg.data.strip():
+                    topic_instructions.append(msg.data)
+            elif kind == "estop":
+                for sim in (base, cand):
+                    sim.on_estop(bool(msg.data))
+            elif kind == "status":
+                statuses.append(msg)
+            elif kind == "action":
+                rec_action = _arm_action_from_msg(msg)
+                seq = rec_action.observation_seq
+                executed.add(seq)
+                tokens_msg = replies.get(seq)
+                redecoded, note, match = None, "no ActionTokens recorded for this observation", None
+                if tokens_msg is not None:
+                    redecoded, note = _redecode(cand_tok, tokens_msg, seq)
+                    if redecoded is not None:
+                        match = _same_action(rec_action, redecoded)
+                    elif note:
+                        match = False
+                    else:
+                        note = "continuous action chunk: nothing to re-decode"
+                episode_id = _episode_key(msg.episode_id)
+                # Absent in recordings made before ArmAction had the field; zero when a publisher left it unset.
+                observed = replay_time(getattr(msg, "observation_stamp", None))
+                unstamped_actions += observed is None
+                recorded_verdict = base.on_action(t, rec_action, episode_id, observed)
+                if match is False and redecoded is None:
+                    verdict: tuple[str, ...] = ("not_executed:invalid_tokens",)
                 else:
-                    note = "continuous action chunk: nothing to re-decode"
-            episode_id = _episode_key(msg.episode_id)
-            # Absent in recordings made before ArmAction had the field; zero when a publisher left it unset.
-            observed = replay_time(getattr(msg, "observation_stamp", None))
-            unstamped_actions += observed is None
-            recorded_verdict = base.on_action(t, rec_action, episode_id, observed)
-            if match is False and redecoded is None:
-                verdict: tuple[str, ...] = ("not_executed:invalid_tokens",)
-            else:
-                # Equal actions go in as recorded, so float noise can never flip a verdict.
-                verdict = cand.on_action(t, rec_action if match is not False else redecoded, episode_id, observed)
-            steps.append(ReplayStep(len(steps) + 1, t, seq, short_id(episode_id),
-                                    tuple(int(v) for v in (tokens_msg.tokens if tokens_msg is not None else ())),
-                                    rec_action, redecoded, note, match, verdict, recorded_verdict))
+                    # Equal actions go in as recorded, so float noise can never flip a verdict.
+                    verdict = cand.on_action(t, rec_action if match is not False else redecoded, episode_id, observed)
+                steps.append(ReplayStep(len(steps) + 1, t, seq, short_id(episode_id),
+                                        tuple(int(v) for v in (tokens_msg.tokens if tokens_msg is not None else ())),
+                                        rec_action, redecoded, note, match, verdict, recorded_verdict))
+        except (AttributeError, TypeError) as exc:
+            # the file's own schema decoded it: a schema of the right name may still lack a field we read
+            raise RecordingReadError(f"{m.topic}: a {m.type_name} message without the fields of that type "
+                                     f"({exc}); written with other message definitions?") from None
 
     now_valid: list[int] = []
     unexecuted = [(s, r) for s, r in replies.items() if s not in executed]

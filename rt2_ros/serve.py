@@ -210,12 +210,15 @@ def _decode_image(img: Any, where: str, max_pixels: int) -> np.ndarray:
     """The uint8 HxWx3 RGB array in wire Image ``img``; ValueError starting with ``where`` if malformed."""
     if img.format in (pb.Image.JPEG, pb.Image.PNG):
         try:
+            # the header's size first: a few hundred bytes may declare gigabytes of pixels
+            width, height = imaging.declared_size(img.data)
+            if width * height > max_pixels:
+                raise ValueError(f"{where}: {width}x{height} exceeds the server limit of {max_pixels} pixels")
             image = imaging.decode_image(img.data)
-        except Exception as exc:  # ImageEncodeError, or cv2.error for images above OPENCV_IO_MAX_IMAGE_PIXELS
+        except imaging.ImageEncodeError as exc:
             raise ValueError(f"{where}: cannot decode {pb.Image.Format.Name(img.format)} data ({exc})") from None
-        height, width = image.shape[:2]
-        if height * width > max_pixels:
-            raise ValueError(f"{where}: {width}x{height} exceeds the server limit of {max_pixels} pixels")
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"{where}: decoded {image.shape[1]}x{image.shape[0]}, its header says {width}x{height}")
         return image
     if img.format == pb.Image.RAW:
         if img.raw_encoding != "rgb8":

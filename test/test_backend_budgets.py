@@ -106,7 +106,8 @@ def recover(kind: str, backend: Backend, seq: int) -> BackendReply:
             return backend.infer(observation(seq), 2.0)
         except BackendError as exc:
             assert getattr(exc, "grpc_code", None) == grpc.StatusCode.UNAVAILABLE, exc
-            assert time.monotonic() - start < 0.1, "a call during the redial backoff must fail fast"
+            # far below the call's 2 s budget; the first call may also meet the reset of the broken connection
+            assert time.monotonic() - start < 0.5, "a call during the redial backoff must fail fast"
             assert time.monotonic() < deadline, f"no successful call within {REDIAL_WITHIN_S} s: {exc}"
             time.sleep(0.02)
 

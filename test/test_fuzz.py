@@ -3,11 +3,14 @@
 Each target of :mod:`test.fuzz_targets` runs for a few seconds under atheris/libFuzzer in its own
 process (two at a time on this 2-core machine); a crash, hang or memory blow-up fails the test with
 the reproducer and the traceback. The long run is ``tools/fuzz.py`` (bench/results/fuzz.md). The
-inputs that fuzzing found crashing are kept below as plain regression tests.
+inputs that fuzzing found crashing are kept below as regression tests, followed by hypothesis properties over structured
+inputs that byte-level fuzzing rarely builds (continuous rows at the range edges, number answers
+against the constrained-decoding grammar).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -19,11 +22,12 @@ import pytest
 
 pytest.importorskip("atheris", reason="atheris is in requirements.txt; run make setup")
 
-from test.fuzz_targets import REPO, TARGETS, run
+from test.fuzz_targets import _GRAMMAR_SURFACES, REPO, TARGETS, run
 
 SECONDS = 3
-# A target that ran at all tries thousands of inputs in 3 s; fewer means it did not really run.
-MIN_INPUTS = 200
+# A target that ran at all tries hundreds of inputs in 3 s (mcap_replay, a whole replay per input: 250-400
+# on the shared 2-core machine; the others thousands); fewer means it did not really run.
+MIN_INPUTS = 100
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,135 @@ def test_an_mcap_naming_a_non_ros_type_is_a_read_error(tmp_path: Path):
     path.write_bytes(out.getvalue())
     with pytest.raises(RecordingReadError, match="not a ROS 2 message type name"):
         read_topics(path)
+
+
+# -- found by fuzzing, fixed: regression tests ----------------------------------------------------------------
+def test_decode_image_of_no_bytes_is_an_image_error():
+    from rt2_ros.imaging import ImageEncodeError, decode_image
+
+    try:
+        decode_image(b"")
+    except ImageEncodeError:
+        return
+    except Exception as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}") from None
+
+
+# A 631-byte JPEG whose header declares 10000x10000 pixels. rt2-serve decodes it completely before the
+# --max-pixels check: ~0.6 GB and 1.5 s for this one (20000x20000: 2.4 GB, 5 s; 30000x30000: 5.2 GB, 10 s,
+# measured), so one small request can take the server's memory. The child measures its own peak RSS.
+_BOMB = """
+import resource, sys
+import numpy as np
+from rt2_ros.actions import Observation
+from rt2_ros.backends.grpc_client import observation_to_proto
+from rt2_ros.serve import observation_from_proto
+frame = np.full((8, 8, 3), 100, np.uint8)
+msg = observation_to_proto(Observation(image=frame, instruction="pick", seq=1, stamp=1.0), "jpeg")
+jpeg = bytearray(msg.images[0].image.data)
+sof = jpeg.find(b"\\xff\\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+jpeg[sof + 5:sof + 9] = (10000).to_bytes(2, "big") * 2
+msg.images[0].image.data = bytes(jpeg)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    observation_from_proto(msg, 64 * 64)
+    sys.exit("accepted")
+except ValueError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_small_jpeg_declaring_huge_dimensions_is_refused_before_decoding():
+    out = subprocess.run([sys.executable, "-c", _BOMB], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    message, grown_mb = out.stdout.strip().splitlines()[-2:]
+    assert "exceeds the server limit" in message, message
+    # decoding 10000x10000 RGB needs 300 MB for the pixels alone; refusing from the header needs none
+    assert int(grown_mb) < 100, f"refusing the 631-byte image grew the process by {grown_mb} MB"
+
+
+# -- properties over structured inputs, where byte-level fuzzing rarely lands (hypothesis) ----------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rt2_ros.token_profiles import PROFILES  # noqa: E402
+
+_PROFILE_NAMES = sorted(PROFILES)
+_edge_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-2.0, 2.0),
+                         st.sampled_from([-1.0, 1.0, -1.0000001, 1.0000001, 1.5707963, -1.5707964, 0.0]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profile=st.sampled_from(_PROFILE_NAMES), values=st.lists(_edge_floats, min_size=0, max_size=9))
+def test_a_continuous_row_outside_the_ranges_gives_no_action(profile, values):
+    """decode_continuous never clips a bad row into an action: wrong length, NaN/inf or out of range raise."""
+    import math
+
+    from rt2_ros.tokens import ActionTokenizer, TokenError
+
+    tok = ActionTokenizer.from_profile(profile)
+    valid = len(values) == 7 and all(math.isfinite(v) and lo <= v <= hi for v, lo, hi
+                                     in zip(values, tok.continuous_low, tok.continuous_high, strict=False))
+    try:
+        action = tok.decode_continuous(values)
+    except TokenError:
+        assert not valid, f"{profile}: a valid row {values} was refused"
+        return
+    assert valid, f"{profile}: the invalid row {values} became an action {action}"
+    assert action.is_finite() and not tok.out_of_range(action), (values, action, tok.out_of_range(action))
+
+
+@functools.cache
+def _text_grammar(profile: str):
+    from rt2_ros.constrained import text_grammar
+    from rt2_ros.tokens import ActionTokenizer
+
+    tok = ActionTokenizer.from_profile(profile)
+    return tok, text_grammar(tok, _GRAMMAR_SURFACES)
+
+
+_near_bins = st.one_of(st.integers(0, 255), st.sampled_from([-1, 0, 1, 2, 3, 254, 255, 256, 1000, 10**12]))
+# 7 or 8 bins, the first 0 or 1 (continue / terminate of the RT profiles): valid answers of each profile
+_mostly_valid = st.lists(st.integers(0, 255), min_size=7, max_size=8).map(lambda b: [b[0] % 2, *b[1:]])
+_separators = st.lists(st.sampled_from([" ", "  ", "\t", "\n", ", "]), min_size=10, max_size=10)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profile=st.sampled_from(_PROFILE_NAMES),
+       numbers=st.one_of(st.lists(_near_bins, max_size=10), _mostly_valid),
+       zero_pad=st.booleans(), seps=st.one_of(st.just([" "] * 10), _separators))
+def test_grammar_and_tokenizer_agree_on_number_answers(profile, numbers, zero_pad, seps):
+    """The text grammar (local backend) accepts an answer only if the policy node's parser does; and it
+    accepts every canonical answer the parser accepts (else constrained decoding could not say it)."""
+    from rt2_ros.tokens import TokenError
+
+    tok, grammar = _text_grammar(profile)
+    by_surface = {s: i for i, s in sorted(_GRAMMAR_SURFACES.items(), reverse=True)}
+    words = [f"0{n}" if zero_pad and n >= 0 else str(n) for n in numbers]
+    text = "".join(w + s for w, s in zip(words, seps, strict=False)).rstrip()
+    try:
+        parsed_ok = list(tok.parse_text(text).bins) == numbers
+    except TokenError:
+        parsed_ok = False
+    # spell the text with single-character tokens where the toy vocabulary has them
+    ids = [by_surface.get(ch) for ch in text]
+    accepted = None not in ids and (state := grammar.walk(ids)) is not None and grammar.accepts(state)
+    if accepted:
+        assert parsed_ok, f"{profile}: the grammar accepts {text!r}, the tokenizer does not"
+    canonical = " ".join(map(str, numbers))
+    if parsed_ok and text == canonical:
+        assert accepted, f"{profile}: the grammar cannot spell the valid answer {text!r}"
+
+
+def test_a_recording_whose_schema_lacks_a_field_is_a_read_error(tmp_path: Path):
+    from rt2_ros.recording import RecordingReadError, replay
+    from test.fuzz_targets import _mcap_seeds
+
+    real = _mcap_seeds()[-1]  # a real recording, uncompressed
+    assert b"Quaternion orientation" in real  # geometry_msgs/Pose in the /ee_pose schema
+    path = tmp_path / "renamed-field.mcap"
+    path.write_bytes(real.replace(b"Quaternion orientation", b"Quaternion orientatioz"))  # same length: still valid
+    with pytest.raises(RecordingReadError, match="/ee_pose"):
+        replay(path)

@@ -3,7 +3,8 @@
 An ``ast`` scan of every module of rt2_ros, tools and launch for the calls that can run code chosen
 by whoever wrote the bytes: pickle and friends, unsafe YAML loaders, ``torch.load`` without
 ``weights_only=True``, ``numpy.load(allow_pickle=True)``, ``eval``/``exec``/``compile``,
-``subprocess`` with ``shell=True``, and imports of names computed at run time. A self-test feeds
+``subprocess`` with ``shell=True``, imports of names computed at run time, and msgpack decoding
+with a hook (the hook decides what objects outside bytes become; each is judged). A self-test feeds
 the scanner one snippet per pattern, so the scan cannot pass by finding nothing.
 """
 
@@ -17,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("rt2_ros", "tools", "launch")
 
-_PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "shelve", "marshal", "cloudpickle", "joblib"}
+_PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "shelve", "marshal", "cloudpickle", "joblib", "jsonpickle"}
 _PICKLE_CALLS = {"load", "loads", "Unpickler", "open"}
 _SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
 
@@ -33,6 +34,10 @@ ALLOWED: dict[tuple[str, str], str] = {
         "decodes with the schemas in the file and never imports by name",
     ("rt2_ros/nodes/bringup.py", "yaml.load() without a safe Loader"):
         "_RclLoader is a yaml.SafeLoader subclass that only changes how plain scalars are typed",
+    ("rt2_ros/backends/openpi.py", "msgpack.unpackb(object_hook=_unpack_array)"):
+        "the hook turns openpi's __ndarray__/__npgeneric__ maps into numpy values with np.frombuffer and a "
+        "plain dtype (object, zero-size and sub-array dtypes refused); it looks no type up by name and runs no "
+        "code from the frame (fuzzed: test_fuzz.py openpi_reply)",
 }
 
 
@@ -78,7 +83,13 @@ def findings(source: str) -> list[tuple[int, str]]:
                 out.append((node.lineno, "torch.load() without weights_only=True"))
         elif last == "load" and head.split(".")[-1] in ("np", "numpy") and _is_true(_kw(node, "allow_pickle")):
             out.append((node.lineno, "numpy.load(allow_pickle=True)"))
-        elif name in ("eval", "exec", "compile", "builtins.eval", "builtins.exec"):
+        elif last in ("unpackb", "unpack", "Unpacker") and "msgpack" in head.split("."):
+            # a hook decides which objects the bytes become: each one is judged and listed in ALLOWED
+            for hook in ("object_hook", "object_pairs_hook", "list_hook", "ext_hook"):
+                if _kw(node, hook) is not None:
+                    out.append((node.lineno, f"{name}({hook}={_dotted(_kw(node, hook)) or '<expr>'})"))
+        elif last == "read_pickle" or name in ("eval", "exec", "compile", "builtins.eval", "builtins.exec",
+                                               "builtins.compile"):
             out.append((node.lineno, f"{name}()"))
         elif head.split(".")[-1] == "subprocess" and _is_true(_kw(node, "shell")):
             out.append((node.lineno, f"{name}(shell=True)"))
@@ -118,6 +129,15 @@ def test_the_package_has_no_code_executing_deserialisation():
     ("x = yaml.load(text, Loader=yaml.Loader)", "yaml.load() without a safe Loader"),
     ("x = yaml.unsafe_load(text)", "yaml.unsafe_load()"),
     ("x = yaml.full_load(text)", "yaml.full_load()"),
+    ("x = yaml.load(text, yaml.UnsafeLoader)", "yaml.load() without a safe Loader"),
+    ("x = yaml.load_all(text, Loader=FullLoader)", "yaml.load_all() without a safe Loader"),
+    ("x = marshal.loads(data)", "marshal.loads()"),
+    ("db = shelve.open(path)", "shelve.open()"),
+    ("import jsonpickle", "import jsonpickle"),
+    ("x = pd.read_pickle(path)", "pd.read_pickle()"),
+    ("x = msgpack.unpackb(data, object_hook=hook)", "msgpack.unpackb(object_hook=hook)"),
+    ("u = msgpack.Unpacker(f, ext_hook=make)", "msgpack.Unpacker(ext_hook=make)"),
+    ("code = compile(text, 'f', 'exec')", "compile()"),
     ("x = torch.load(path)", "torch.load() without weights_only=True"),
     ("x = torch.load(path, weights_only=False)", "torch.load() without weights_only=True"),
     ("x = np.load(path, allow_pickle=True)", "numpy.load(allow_pickle=True)"),
@@ -135,6 +155,7 @@ def test_the_scanner_catches_each_pattern(snippet, expected):
 @pytest.mark.parametrize("snippet", [
     "x = yaml.safe_load(text)", "x = yaml.load(text, Loader=yaml.SafeLoader)", "x = torch.load(p, weights_only=True)",
     "x = np.load(path)", "x = json.loads(text)", "importlib.import_module('rt2_ros.sim')", "model.eval()",
+    "x = msgpack.unpackb(data)", "x = yaml.load(text, Loader=yaml.CSafeLoader)", "re.compile(pattern)",
 ])
 def test_the_scanner_passes_safe_calls(snippet):
     assert findings(snippet) == []
