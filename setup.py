@@ -61,6 +61,9 @@ setup(
             "rt2-demo = rt2_ros.demo:main",
             "rt2-record = rt2_ros.nodes.record:main",
             "rt2-replay = rt2_ros.recording:replay_main",
+            "rt2-collect = rt2_ros.learn.collect:main",
+            "rt2-train = rt2_ros.learn.train:main",
+            "rt2-eval = rt2_ros.learn.evaluate:main",
         ],
     },
 )
