@@ -96,7 +96,11 @@ class Report:
     worst_outside_m: float = 0.0
     pose_samples: int = 0
     twist_count: int = 0
-    max_twist_gap_s: float = 0.0
+    max_twist_gap_s: float = 0.0  # between the safety node's stamps on consecutive twists (its publish clock)
+    max_twist_gap_at_s: float = 0.0  # when the longest gap ended, on the soak's clock (compare fault_times)
+    fault_times: list = field(default_factory=list)  # (start s, kind) on the soak's clock
+    max_twist_receive_gap_s: float = 0.0  # at this monitor: also counts the monitor's own scheduling stalls
+    load_average: str = ""  # 1/5/15-minute load at the end: other jobs on the machine show here
     interventions: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)  # role -> {start_rss_mb, end_rss_mb, start_fds, end_fds, starts}
     unexpected_deaths: list = field(default_factory=list)
@@ -121,7 +125,11 @@ class Report:
             f"| workspace violations (ground truth, tolerance {VIOLATION_TOLERANCE_M * 1000:.0f} mm) | "
             f"**{self.violations}** of {self.pose_samples} ee_pose samples; furthest outside the box "
             f"{self.worst_outside_m * 1000:.1f} mm |",
-            f"| twists to the controller | {self.twist_count}, longest gap {self.max_twist_gap_s * 1000:.0f} ms |",
+            f"| twists to the controller | {self.twist_count}, longest gap {self.max_twist_gap_s * 1000:.0f} ms "
+            f"between the safety node's stamps ({self.max_twist_receive_gap_s * 1000:.0f} ms between arrivals here) |",
+            f"| longest twist gap ended at | {self.max_twist_gap_at_s:.1f} s; faults began at "
+            + (", ".join(f"{t} s {k}" for t, k in self.fault_times) or "-") + " |",
+            f"| load average at the end (1/5/15 min) | {self.load_average} |",
             f"| safety interventions (safety node counters) | {inter} |",
             f"| processes that died unexpectedly | {', '.join(self.unexpected_deaths) or 'none'} |", "",
             "RSS and open file descriptors (start: after the first episode began; a restarted process's end is "
@@ -219,7 +227,8 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
     rng = random.Random(seed)
     stack = Stack(workdir, _free_port())
     lock = threading.Lock()
-    state: dict = {"status": None, "objects": None, "objects_t": 0.0, "last_twist": None}
+    t_begin = time.monotonic()  # restarted once the loop is up
+    state: dict = {"status": None, "objects": None, "objects_t": 0.0, "last_twist": None, "last_twist_stamp": 0.0}
 
     rclpy.init()
     node = rclpy.create_node("rt2_soak_monitor")
@@ -235,12 +244,16 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
             if d > VIOLATION_TOLERANCE_M:
                 report.violations += 1
 
-    def on_twist(_msg: TwistStamped) -> None:
+    def on_twist(msg: TwistStamped) -> None:
         now = time.monotonic()
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with lock:
             if state["last_twist"] is not None:
-                report.max_twist_gap_s = max(report.max_twist_gap_s, now - state["last_twist"])
-            state["last_twist"] = now
+                report.max_twist_receive_gap_s = max(report.max_twist_receive_gap_s, now - state["last_twist"])
+                if stamp - state["last_twist_stamp"] > report.max_twist_gap_s:
+                    report.max_twist_gap_s = stamp - state["last_twist_stamp"]
+                    report.max_twist_gap_at_s = now - t_begin
+            state["last_twist"], state["last_twist_stamp"] = now, stamp
             report.twist_count += 1
 
     def on_status(msg) -> None:
@@ -306,6 +319,8 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
                     return
                 if time.monotonic() - t_begin > seconds:
                     return
+                with lock:
+                    report.fault_times.append((round(time.monotonic() - t_begin, 1), kind))
                 if kind == "backend_restart":
                     stack.kill("rt2-serve")
                     time.sleep(1.0)
@@ -395,6 +410,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
         node.destroy_node()
         rclpy.try_shutdown()
     report.seconds = round(time.monotonic() - t_begin)
+    report.load_average = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return report
 
 
