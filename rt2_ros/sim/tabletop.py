@@ -37,6 +37,7 @@ Design choices:
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import math
 import os
@@ -119,6 +120,15 @@ NOMINAL_XY: dict[str, tuple[float, float]] = {
     "tray": (0.58, 0.20),
 }
 
+PLACEMENTS = ("nominal", "workspace")
+MAX_DISTRACTORS = 6
+# Distractor shapes (pybullet_data URDF, scale) and colours: low saturation (<= 0.3) so no HSV range of
+# the reference policy (saturation >= 0.39) can take one for a cube or the tray.
+DISTRACTOR_SHAPES = (("cube_small.urdf", 0.7), ("block.urdf", 1.0), ("sphere_small.urdf", 0.8))
+DISTRACTOR_MAX_SATURATION = 0.3
+# pybullet TinyRenderer's lighting coefficients when none are given (ambient, diffuse, specular)
+DEFAULT_LIGHT_COEFFS = (0.6, 0.35, 0.05)
+
 SIM_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("sim.physics_hz", "int", 240, "physics steps per simulated second", "Hz", 60, 2000),
     ParamSpec("sim.command_timeout_s", "double", 0.1,
@@ -140,6 +150,30 @@ SIM_PARAMS: tuple[ParamSpec, ...] = (
               "m", 0.0, 0.05),
     ParamSpec("sim.object_yaw_jitter_rad", "double", 0.3, "uniform +- jitter of each cube's yaw at reset (seeded)",
               "rad", 0.0, math.pi),
+    ParamSpec("sim.placement", "string", "nominal",
+              "object placement at reset: nominal (fixed spots + sim.object_jitter_m) or workspace (tray and cubes "
+              "uniformly over sim.placement_min..max, sim.min_object_spacing_m apart; seeded)",
+              choices=PLACEMENTS),
+    ParamSpec("sim.placement_min", "double_array", [0.32, -0.28],
+              "lower (x, y) corner of the table area objects are placed in with sim.placement workspace "
+              "(base frame; the default area is reachable and in the default camera's view)", "m", -2.0, 2.0,
+              length=2),
+    ParamSpec("sim.placement_max", "double_array", [0.70, 0.28],
+              "upper (x, y) corner of the sim.placement workspace area (base frame)", "m", -2.0, 2.0, length=2),
+    ParamSpec("sim.min_object_spacing_m", "double", 0.08,
+              "smallest centre distance between objects (cubes, distractors) with sim.placement workspace; "
+              "each also stays this far from the tray's walls", "m", 0.03, 0.3),
+    ParamSpec("sim.color_jitter", "double", 0.0,
+              "0: the fixed colours; > 0: each reset varies every cube's and the tray's hue (+- 0.05 x this of "
+              "the hue circle), saturation and value (x 1 - this .. 1), and tints the table (seeded)", "", 0.0, 0.5),
+    ParamSpec("sim.distractors", "int", 0,
+              "extra objects no instruction names (grey/white/brown blocks, sticks and balls: saturation below "
+              "every colour the reference policy looks for), placed at random on the table at each reset", "",
+              0, MAX_DISTRACTORS),
+    ParamSpec("sim.lighting_jitter", "double", 0.0,
+              "0: pybullet's default light; > 0: each reset draws a light direction (up to 60 deg x this from "
+              "overhead) and scales ambient/diffuse/specular light by 1 +- 0.4 x this (seeded; cameras render "
+              "with it)", "", 0.0, 1.0),
     ParamSpec("sim.finger_force", "double", 60.0, "force of each finger motor", "N", 1.0, 200.0),
     ParamSpec("sim.finger_friction", "double", 2.0, "lateral friction coefficient of the finger pads", "", 0.1, 10.0),
     ParamSpec("sim.grasp_assist", "bool", False,
@@ -255,6 +289,14 @@ class TabletopSim:
             pb.changeDynamics(body, -1, lateralFriction=1.0, spinningFriction=0.01, rollingFriction=0.001,
                               physicsClientId=cid)
             self._cubes[name] = body
+        self._distractors: list[int] = []
+        for i in range(c["sim.distractors"]):
+            urdf, shape_scale = DISTRACTOR_SHAPES[i % len(DISTRACTOR_SHAPES)]
+            body = pb.loadURDF(urdf, [0.0, 0.0, -1.0], globalScaling=shape_scale, physicsClientId=cid)
+            pb.changeDynamics(body, -1, lateralFriction=1.0, spinningFriction=0.01, rollingFriction=0.01,
+                              physicsClientId=cid)
+            self._distractors.append(body)
+        self._light_args: dict[str, Any] = {}  # extra getCameraImage lighting arguments (sim.lighting_jitter)
 
     def _load_panda(self, data: str, collision_visuals: bool) -> int:
         path = os.path.join(data, PANDA_URDF)
@@ -289,16 +331,21 @@ class TabletopSim:
             q = self._solve_ik(home, down)
             for j, qj in zip(ARM_JOINTS, q, strict=True):
                 pb.resetJointState(self._robot, j, qj, 0.0, physicsClientId=cid)
-        jitter, yaw_jitter = c["sim.object_jitter_m"], c["sim.object_yaw_jitter_rad"]
-        tray_xy = np.asarray(NOMINAL_XY["tray"]) + rng.uniform(-0.5 * jitter, 0.5 * jitter, 2)
+        tray_xy, cube_poses, distractor_poses = self._placement(rng)
         pb.resetBasePositionAndOrientation(self._tray, [*tray_xy, 0.0], [0, 0, 0, 1], physicsClientId=cid)
         half = 0.5 * c["sim.cube_size"]
-        for name, body in self._cubes.items():
-            xy = np.asarray(NOMINAL_XY[name]) + rng.uniform(-jitter, jitter, 2)
-            yaw = float(rng.uniform(-yaw_jitter, yaw_jitter))
-            pb.resetBasePositionAndOrientation(body, [*xy, half], pb.getQuaternionFromEuler([0, 0, yaw]),
+        bodies = [*self._cubes.values(), *self._distractors]
+        for body, (xy, yaw) in zip(bodies, [*cube_poses, *distractor_poses], strict=True):
+            z = half if body in self._cubes.values() else 0.0
+            pb.resetBasePositionAndOrientation(body, [*xy, z], pb.getQuaternionFromEuler([0, 0, yaw]),
                                                physicsClientId=cid)
             pb.resetBaseVelocity(body, [0, 0, 0], [0, 0, 0], physicsClientId=cid)
+        for body in self._distractors:  # rest them on the table whatever their shape
+            lo, _ = pb.getAABB(body, physicsClientId=cid)
+            pos, orn = pb.getBasePositionAndOrientation(body, physicsClientId=cid)
+            pb.resetBasePositionAndOrientation(body, [pos[0], pos[1], pos[2] - lo[2] + 0.001], orn,
+                                               physicsClientId=cid)
+        self._randomise_appearance(seed)
         self._target_pos = home.copy()
         self._target_quat = down.copy()
         self._gripper_cmd = 0.0
@@ -308,6 +355,102 @@ class TabletopSim:
         self.time_s = 0.0
         self._pending_s = 0.0
         self.step(0.1)  # let contacts settle
+
+    def _placement(self, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[np.ndarray, float]],
+                                                             list[tuple[np.ndarray, float]]]:
+        """Tray (x, y), then (x, y, yaw) of each cube and each distractor, drawn from ``rng``.
+
+        ``nominal`` draws exactly as before these options existed (tray, then each cube's x, y and
+        yaw), so a seed gives the same scene it always gave; distractors are drawn after that.
+        """
+        c = self.config
+        yaw_jitter = c["sim.object_yaw_jitter_rad"]
+        if c["sim.placement"] == "nominal":
+            jitter = c["sim.object_jitter_m"]
+            tray_xy = np.asarray(NOMINAL_XY["tray"]) + rng.uniform(-0.5 * jitter, 0.5 * jitter, 2)
+            cubes = []
+            for name in self._cubes:
+                xy = np.asarray(NOMINAL_XY[name]) + rng.uniform(-jitter, jitter, 2)
+                cubes.append((xy, float(rng.uniform(-yaw_jitter, yaw_jitter))))
+            area = (np.asarray(c["sim.workspace_min"][:2]), np.asarray(c["sim.workspace_max"][:2]))
+        else:
+            area = (np.asarray(c["sim.placement_min"]), np.asarray(c["sim.placement_max"]))
+            margin = TRAY_HALF_INNER_M + 0.02  # the walls stand just outside the inner half width
+            lo, hi = area[0] + margin, area[1] - margin
+            if np.any(lo > hi):
+                raise SimError(f"sim.placement_min {area[0].tolist()} .. sim.placement_max {area[1].tolist()} "
+                               f"is too small for the {2 * margin:.2f} m tray")
+            tray_xy = rng.uniform(lo, hi)
+            spots = self._free_spots(rng, tray_xy, [], len(self._cubes), *area)
+            cubes = [(xy, float(rng.uniform(-yaw_jitter, yaw_jitter))) for xy in spots]
+        spots = self._free_spots(rng, tray_xy, [xy for xy, _ in cubes], len(self._distractors), *area)
+        distractors = [(xy, float(rng.uniform(-math.pi, math.pi))) for xy in spots]
+        return tray_xy, cubes, distractors
+
+    def _free_spots(self, rng: np.random.Generator, tray_xy: np.ndarray, taken: list[np.ndarray], count: int,
+                    lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+        """``count`` table spots in ``lo..hi`` at least sim.min_object_spacing_m from each other, from the
+        ``taken`` spots and from the tray's walls (rejection sampling)."""
+        spacing = self.config["sim.min_object_spacing_m"]
+        keep_out = TRAY_HALF_INNER_M + spacing
+        out: list[np.ndarray] = []
+        for _ in range(count):
+            for _attempt in range(1000):
+                xy = rng.uniform(lo, hi)
+                clear_of_tray = bool(np.any(np.abs(xy - tray_xy) > keep_out))
+                if clear_of_tray and all(np.linalg.norm(xy - o) >= spacing for o in [*taken, *out]):
+                    out.append(xy)
+                    break
+            else:
+                raise SimError(f"cannot place {count} objects {spacing} m apart (sim.min_object_spacing_m) "
+                               f"beside the tray in {lo.tolist()} .. {hi.tolist()} (sim.placement_min/max); "
+                               f"enlarge the area or place fewer objects")
+        return out
+
+    def _randomise_appearance(self, seed: int | None) -> None:
+        """Colours (sim.color_jitter), distractor colours and lighting (sim.lighting_jitter), from a stream
+        of their own so that turning them on never moves an object."""
+        c, cid = self.config, self._cid
+        rng = np.random.default_rng(None if seed is None else [abs(int(seed)), 7])
+        j = c["sim.color_jitter"]
+        for name, body in self._cubes.items():
+            pb.changeVisualShape(body, -1, rgbaColor=_jittered(CUBE_COLORS[name], j, rng), physicsClientId=cid)
+        pb.changeVisualShape(self._tray, -1, rgbaColor=_jittered(TRAY_COLOR, j, rng), physicsClientId=cid)
+        if j > 0:
+            grey = rng.uniform(0.55, 1.0)
+            tint = (grey, grey * rng.uniform(0.85, 1.0), grey * rng.uniform(0.7, 1.0), 1.0)
+            pb.changeVisualShape(self._table, -1, rgbaColor=tint, physicsClientId=cid)
+        for body in self._distractors:
+            rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, DISTRACTOR_MAX_SATURATION),
+                                      rng.uniform(0.15, 0.95))
+            pb.changeVisualShape(body, -1, rgbaColor=(*rgb, 1.0), textureUniqueId=-1, physicsClientId=cid)
+        light = c["sim.lighting_jitter"]
+        self._light_args = {}
+        if light > 0:
+            tilt = rng.uniform(0.0, math.radians(60.0) * light)
+            azimuth = rng.uniform(-math.pi, math.pi)
+            direction = [math.sin(tilt) * math.cos(azimuth), math.sin(tilt) * math.sin(azimuth), math.cos(tilt)]
+            ambient, diffuse, specular = (k * rng.uniform(1 - 0.4 * light, 1 + 0.4 * light)
+                                          for k in DEFAULT_LIGHT_COEFFS)
+            self._light_args = {"lightDirection": direction, "lightAmbientCoeff": ambient,
+                                "lightDiffuseCoeff": diffuse, "lightSpecularCoeff": specular}
+
+    def distractor_positions(self) -> list[np.ndarray]:
+        """Ground-truth positions of the distractor objects (base frame, m)."""
+        return [self._body_position(body) for body in self._distractors]
+
+    def move_object(self, name: str, xy: Sequence[float]) -> None:
+        """Put cube ``name`` down at table position ``xy`` (base frame, m), at rest: a perturbation for
+        demonstrations (an object nudged or dropped). Releases grasp assist's hold on it."""
+        if name not in self._cubes:
+            raise KeyError(f"unknown cube {name!r}; known: {sorted(self._cubes)}")
+        if self._held == name:
+            self._release()
+        body = self._cubes[name]
+        _, orn = pb.getBasePositionAndOrientation(body, physicsClientId=self._cid)
+        pb.resetBasePositionAndOrientation(body, [float(xy[0]), float(xy[1]), 0.5 * self.config["sim.cube_size"]],
+                                           orn, physicsClientId=self._cid)
+        pb.resetBaseVelocity(body, [0, 0, 0], [0, 0, 0], physicsClientId=self._cid)
 
     # ------------------------------------------------------------------ commands
     def apply_twist(self, linear: Sequence[float], angular: Sequence[float], stamp_age_s: float, dt: float) -> bool:
@@ -444,7 +587,7 @@ class TabletopSim:
         cam, near = self._camera_at(camera, width, height)
         _, _, rgba, _, _ = pb.getCameraImage(cam.width, cam.height, cam.opengl_view_matrix(),
                                              cam.opengl_projection_matrix(near=near), renderer=pb.ER_TINY_RENDERER,
-                                             physicsClientId=self._cid)
+                                             physicsClientId=self._cid, **self._light_args)
         return np.ascontiguousarray(np.reshape(np.asarray(rgba, dtype=np.uint8), (cam.height, cam.width, 4))[:, :, :3])
 
     def segmentation(self, width: int | None = None, height: int | None = None, *,
@@ -541,6 +684,18 @@ def _wrist_mount(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     except CameraError as exc:
         raise ValueError(f"sim.wrist_camera_position {eye.tolist()} / sim.wrist_camera_target {target.tolist()}: "
                          f"{exc}") from None
+
+
+def _jittered(rgba: Sequence[float], amount: float, rng: np.random.Generator) -> tuple[float, ...]:
+    """``rgba`` with hue shifted by up to +- 0.05 x amount of the circle and saturation and value scaled
+    by 1 - amount .. 1; ``rgba`` itself (and no draws) for amount 0."""
+    if amount <= 0:
+        return tuple(rgba)
+    h, s, v = colorsys.rgb_to_hsv(*rgba[:3])
+    h = (h + rng.uniform(-0.05, 0.05) * amount) % 1.0
+    s *= rng.uniform(1.0 - amount, 1.0)
+    v *= rng.uniform(1.0 - amount, 1.0)
+    return (*colorsys.hsv_to_rgb(h, s, v), rgba[3])
 
 
 def _clip_norm(vec: np.ndarray, limit: float) -> np.ndarray:
