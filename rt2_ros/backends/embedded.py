@@ -346,6 +346,11 @@ class EmbeddedBackend(Backend):
     def phase(self) -> Phase:
         return self._phase
 
+    @property
+    def grasp_retries(self) -> int:
+        """Re-approaches after a missed or slipped grasp in this episode (recoveries)."""
+        return self._retries
+
     # ------------------------------------------------------------------ inference
     def infer(self, observation: Observation, timeout_s: float) -> BackendReply:
         start = time.monotonic()
@@ -569,6 +574,21 @@ class EmbeddedBackend(Backend):
         if self._elapsed_s(self._still_since, now) >= self._opt("settle_time_s"):
             self.reanchors += 1
             self._anchor(ee, q_meas, now)
+
+    def set_commanded_target(self, position: Any, orientation_wxyz: Any = None) -> None:
+        """Continue from this commanded target (base frame): for a caller that knows the downstream target
+        moved by something other than this policy's answers (rt2_ros.learn.collect perturbs the executed
+        actions to record corrections), so the next answers correct the deviation at once instead of
+        after ``settle_time_s``. Ignored before the episode's first observation anchored the target."""
+        if self._cmd_p is None:
+            return
+        p = np.asarray(position, dtype=np.float64).reshape(-1)
+        if p.shape != (3,) or not np.all(np.isfinite(p)):
+            raise BackendError(f"commanded target position must be 3 finite numbers, got {p}")
+        self._cmd_p = p.copy()
+        q = _unit_quaternion(orientation_wxyz)
+        if q is not None and self._cmd_q is not None:
+            self._cmd_q = q
 
     def _anchor(self, ee: np.ndarray, q_meas: np.ndarray | None, now: tuple[float, float]) -> None:
         self._cmd_p = ee.copy()
