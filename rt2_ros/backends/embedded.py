@@ -19,7 +19,10 @@ How it works, per observation:
    pose in the robot base frame - on a real robot, your calibration).
 3. Run the phase machine approach -> descend -> grasp -> lift -> (move above tray -> lower ->
    release -> retreat) -> terminate. Phase goals are checked against the measured end-effector
-   position (``Observation.ee_position``, required); the per-step delta is computed from the
+   position (``Observation.ee_position``, required); a missed grasp (the gripper closes on nothing,
+   or the object slips out while lifting) or a descent that stalls above the grasp height (a
+   finger came down on something) re-opens, rises and re-approaches from a fresh image, up to
+   ``max_grasp_retries`` times; the per-step delta is computed from the
    *commanded* target the policy has built up (see below), clipped to the tokenizer's range.
 4. Encode with the configured tokenizer (``tokenizer.encode`` then ``format_text``), so the
    answer goes through exactly the same parsing and detokenization as a real model's.
@@ -341,6 +344,7 @@ class EmbeddedBackend(Backend):
         self._still_at: np.ndarray | None = None  # measured position where the arm was last seen moving
         self._still_since = (math.nan, math.nan)  # (stamp, monotonic) since when it has not moved
         self.reanchors = 0  # how often the commanded target had to be re-anchored (diagnostics, tests)
+        self._reanchored_in_phase = False  # in DESCEND: the arm stalled short of the grasp height
 
     @property
     def phase(self) -> Phase:
@@ -502,6 +506,8 @@ class EmbeddedBackend(Backend):
         elif p is Phase.DESCEND and reached:
             self._gripper = 1.0
             nxt = Phase.GRASP
+        elif p is Phase.DESCEND and self._reanchored_in_phase:
+            nxt = self._missed_grasp()  # the descent stalled above the grasp height: a finger sits on something
         elif p is Phase.GRASP and self._in_phase_s(now) >= self._opt("grasp_wait_s"):
             if obs.gripper is not None and obs.gripper > self._opt("empty_grasp_closedness"):
                 nxt = self._missed_grasp()  # closed on nothing
@@ -525,6 +531,7 @@ class EmbeddedBackend(Backend):
             return False
         self._phase = nxt
         self._phase_start = now
+        self._reanchored_in_phase = False
         return True
 
     def _missed_grasp(self) -> Phase:
@@ -573,6 +580,7 @@ class EmbeddedBackend(Backend):
             return
         if self._elapsed_s(self._still_since, now) >= self._opt("settle_time_s"):
             self.reanchors += 1
+            self._reanchored_in_phase = True
             self._anchor(ee, q_meas, now)
 
     def set_commanded_target(self, position: Any, orientation_wxyz: Any = None) -> None:

@@ -24,8 +24,8 @@ policy show recoveries while the recorded tokens stay its corrective answers:
 
 * ``action_noise``: for 3-6 steps the *executed* action is the answer plus 1-2 cm of random
   translation; the policy is told the resulting commanded target and steers back;
-* ``nudge``: while the hand descends on the target cube, the cube is pushed 4-7 cm aside: the
-  grasp closes on nothing, the policy sees the empty gripper and re-approaches;
+* ``nudge``: while the hand descends on the target cube, the cube is pushed 8-11 cm aside (clear of
+  the fingers): the grasp closes on nothing, the policy sees the empty gripper and re-approaches;
 * ``drop``: just after lift-off the cube falls out of the gripper: the policy re-approaches.
 
 Collection seeds start at 0 (``--seed``); rt2-eval's held-out seeds start at 1 000 000.
@@ -62,6 +62,9 @@ MAX_DISTRACTORS = 3
 COLOR_JITTER = 0.25  # sim.color_jitter of randomised scenes
 LIGHTING_JITTER = 1.0  # sim.lighting_jitter of randomised scenes
 MAX_STEPS = 300  # 30 s at 10 Hz; a pick-and-place takes ~100 steps
+# The reference policy finds a 4 cm cube as a colour blob of >= backend.embedded.min_blob_area_px pixels; below
+# 64 px the far cubes of a jittered, dimmed scene fall under it (measured: at 48 px it misses some seeds).
+REFERENCE_MIN_IMAGE_SIZE = 64
 TIMEOUT_S = 1.0  # backend.timeout_s
 
 
@@ -151,7 +154,7 @@ def make_scene(seed: int, *, randomize: bool = True, perturbation_rate: float = 
             perturbation = Perturbation(kind, int(rng.integers(5, 40)), int(rng.integers(3, 7)),
                                         float(rng.uniform(0.01, 0.02)), 0.0)
         else:
-            perturbation = Perturbation(kind, 0, 0, float(rng.uniform(0.04, 0.07) if kind == "nudge"
+            perturbation = Perturbation(kind, 0, 0, float(rng.uniform(0.08, 0.11) if kind == "nudge"
                                                           else rng.uniform(0.0, 0.03)),
                                         float(rng.uniform(-math.pi, math.pi)))
     return Scene(seed, instruction, target, sim_config, reference, perturbation)
@@ -222,12 +225,13 @@ class _Perturber:
         tray = sim.object_positions()["tray"][:2]
         from rt2_ros.sim.tabletop import TRAY_HALF_INNER_M
 
+        spacing = c["sim.min_object_spacing_m"]  # the placement's own rule: room for the open fingers
         for k in range(12):
             angle = p.angle_rad + k * math.pi / 6
             xy = origin + p.magnitude_m * np.array([math.cos(angle), math.sin(angle)])
             inside = bool(np.all(xy >= lo) and np.all(xy <= hi))
-            clear_tray = bool(np.any(np.abs(xy - tray) > TRAY_HALF_INNER_M + 0.05))
-            if inside and clear_tray and all(np.linalg.norm(xy - o) > 0.06 for o in others):
+            clear_tray = bool(np.any(np.abs(xy - tray) > TRAY_HALF_INNER_M + spacing))
+            if inside and clear_tray and all(np.linalg.norm(xy - o) >= spacing for o in others):
                 return xy
         return None
 
@@ -258,11 +262,12 @@ def run_episode(seed: int, policy=None, image_size: int = 64, *, scene: Scene | 
     from rt2_ros.safety import SafetyConfig, SafetyFilter
     from rt2_ros.tokens import ActionTokenizer, TokenError
 
-    if image_size < 16:
-        raise CollectError(f"image size must be >= 16 px, got {image_size}")
+    own_policy = policy is None
+    if image_size < (REFERENCE_MIN_IMAGE_SIZE if own_policy else 16):
+        raise CollectError(f"image size {image_size} px is too small"
+                           + (f" for the reference policy (>= {REFERENCE_MIN_IMAGE_SIZE})" if own_policy else ""))
     scene = scene or make_scene(seed, randomize=randomize, perturbation_rate=perturbation_rate)
     tokenizer = tokenizer or ActionTokenizer.from_profile("rt2")
-    own_policy = policy is None
     if own_policy:
         policy = reference_policy(scene, tokenizer)
     elif hasattr(policy, "reset"):
@@ -401,6 +406,9 @@ def collect(out: Path, episodes: int, seed: int = 0, processes: int = 1, image_s
     if processes < 1:
         raise CollectError(f"--processes must be >= 1, got {processes}")
     make_scene(seed, perturbation_rate=perturbation_rate)  # option errors here, not in a worker
+    if image_size < REFERENCE_MIN_IMAGE_SIZE:
+        raise CollectError(f"--image-size {image_size} is too small for the reference policy "
+                           f"(>= {REFERENCE_MIN_IMAGE_SIZE} px); downscale the dataset for training instead")
     summary = summary if summary is not None else CollectSummary()
     jobs = [(s, image_size, perturbation_rate, randomize, max_steps) for s in range(seed, seed + episodes)]
     bar = _Progress(len(jobs)) if progress else None
@@ -466,9 +474,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     rec.add_argument("--instruction", default=None,
                      help="instruction of the exported episodes when the recording has none on its topic")
     rec.add_argument("--fps", type=float, default=None,
-                     help="frames per second of the export (default: the policy rate, 10)")
-    rec.add_argument("--success", choices=("true", "false", "unknown"), default="unknown",
-                     help="success flag of exported episodes (recordings do not say; default: unknown = false)")
+                     help="frames per second of the export (default: the nodes' policy rate, 10)")
+    rec.add_argument("--success", choices=("true", "false"), default="false",
+                     help="success flag of the exported episodes (a recording does not say; default: false)")
+    rec.add_argument("--resize", dest="image_size_export", type=int, default=None, metavar="PX",
+                     help="resize exported camera frames to PX x PX (default: as recorded)")
     return p.parse_args(argv)
 
 
@@ -479,9 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rt2_ros.learn.dataset import export_mcap
 
             fps = args.fps or _rates()[0]
+            notes: list[str] = []
             out = export_mcap(args.from_mcap, args.out, fps=fps, instruction=args.instruction,
-                              success=args.success == "true", overwrite=args.overwrite)
+                              success=args.success == "true", image_size=args.image_size_export,
+                              overwrite=args.overwrite, notes=notes)
             print(f"rt2-collect: exported {len(args.from_mcap)} recording(s) to {out}")
+            for line in notes:
+                print(f"  {line}")
             return 0
         summary = CollectSummary()
         out = collect(args.out, args.episodes, args.seed, args.processes, args.image_size,

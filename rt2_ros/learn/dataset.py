@@ -419,4 +419,159 @@ def read_lerobot(root: Path) -> Iterator[Episode]:
                       frames=frames, perturbation=str(row.get("perturbation") or ""))
 
 
-__all__ = ["CAMERA_NAMES", "DatasetError", "Episode", "Frame", "read_info", "read_lerobot", "write_lerobot"]
+# ---------------------------------------------------------------------------------------------- MCAP export
+#: recording topic -> dataset camera name
+MCAP_CAMERA_TOPICS = {"/camera/image": "camera", "/wrist_camera/image": "wrist_camera"}
+MCAP_REQUIRED_TOPICS = ("/rt2_policy/action_tokens", "/arm_action", "/camera/image", "/ee_pose")
+
+
+def _stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
+
+
+def _latest_at(times: np.ndarray, t: int) -> int | None:
+    """Index of the last entry of sorted ``times`` at or before ``t`` (None if there is none)."""
+    k = int(np.searchsorted(times, t, side="right")) - 1
+    return k if k >= 0 else None
+
+
+def _mcap_episodes(path: Path, instruction: str | None, success: bool, image_size: int | None
+                   ) -> tuple[list[Episode], int]:
+    """The episodes of one rt2-record file and the number of policy steps left out (no camera frame)."""
+    from rt2_ros.recording import RecordingReadError, iter_messages, read_metadata, read_topics
+
+    try:
+        topics = read_topics(path)
+    except RecordingReadError as exc:
+        raise DatasetError(str(exc)) from None
+    missing = [t for t in MCAP_REQUIRED_TOPICS if t not in topics]
+    if missing:
+        raise DatasetError(f"{path}: no {', '.join(missing)} recorded; export needs the policy's replies "
+                           f"({MCAP_REQUIRED_TOPICS[0]}, {MCAP_REQUIRED_TOPICS[1]}), the camera and /ee_pose: "
+                           f"record with rt2-record's default topics")
+    cameras = {t: c for t, c in MCAP_CAMERA_TOPICS.items() if t in topics}
+    tokens: dict[int, list[int]] = {}  # observation_seq -> bins
+    actions: list[tuple[int, int, bytes]] = []  # (observation_seq, observation stamp ns, episode id) in order
+    instructions: dict[bytes, str] = {}
+    poses: list[tuple[int, list[float]]] = []  # (stamp ns, pose)
+    grippers: list[tuple[int, float]] = []  # (log time ns, commanded closedness)
+    topic_instruction = ""
+    try:
+        for m in iter_messages(path, [t for t in topics if t not in cameras]):
+            msg = m.message
+            if m.topic == "/rt2_policy/action_tokens" and len(msg.tokens):
+                tokens[int(msg.observation_seq)] = [int(b) for b in msg.tokens]
+            elif m.topic == "/arm_action":
+                actions.append((int(msg.observation_seq), _stamp_ns(msg.observation_stamp), bytes(msg.episode_id.uuid)))
+            elif m.topic == "/episode" and msg.active:
+                instructions.setdefault(bytes(msg.episode_id.uuid), msg.instruction)
+            elif m.topic == "/instruction":
+                topic_instruction = msg.data
+            elif m.topic == "/ee_pose":
+                p, q = msg.pose.position, msg.pose.orientation
+                poses.append((_stamp_ns(msg.header.stamp), [p.x, p.y, p.z, q.w, q.x, q.y, q.z]))
+            elif m.topic == "/gripper_command":
+                grippers.append((m.log_time_ns, float(msg.data)))
+    except RecordingReadError as exc:
+        raise DatasetError(str(exc)) from None
+    steps = [(seq, stamp, ep) for seq, stamp, ep in actions if seq in tokens and stamp > 0]
+    if not steps:
+        raise DatasetError(f"{path}: no policy step with action tokens and a camera stamp (continuous-action "
+                           f"backends record no tokens)")
+    wanted = {stamp for _, stamp, _ in steps}
+    frames_by_camera: dict[str, dict[int, np.ndarray]] = {c: {} for c in cameras.values()}
+    # the one sensor_msgs/Image decoder of the project (its module imports rclpy, as a recording's owner has it)
+    from rt2_ros.nodes.common import ImageConversionError, image_msg_to_rgb
+
+    try:
+        for m in iter_messages(path, list(cameras)):
+            stamp = _stamp_ns(m.message.header.stamp)
+            if stamp in wanted:
+                img = image_msg_to_rgb(m.message)
+                if image_size:
+                    img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+                frames_by_camera[cameras[m.topic]][stamp] = img
+    except (RecordingReadError, ImageConversionError) as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+    params = _recorded_gripper_range(read_metadata(path))
+    pose_t = np.array([t for t, _ in poses], np.int64)
+    grip_t = np.array([t for t, _ in grippers], np.int64)
+    episodes: list[Episode] = []
+    skipped = 0
+    for ep_id in dict.fromkeys(ep for _, _, ep in steps):
+        frames: list[Frame] = []
+        t0 = None
+        for seq, stamp, ep in steps:
+            if ep != ep_id:
+                continue
+            images = {c: f[stamp] for c, f in frames_by_camera.items() if stamp in f}
+            k = _latest_at(pose_t, stamp) if len(pose_t) else None
+            if len(images) != len(frames_by_camera) or k is None:
+                skipped += 1  # the camera frame was not recorded (rate-limited) or no pose yet
+                continue
+            g = _latest_at(grip_t, stamp)  # log time: the clock the nodes stamp with if len(grip_t) else None
+            closedness = 0.0 if g is None else _closedness(grippers[g][1], params)
+            t0 = stamp if t0 is None else t0
+            frames.append(Frame(images=images, state=np.asarray([*poses[k][1], closedness], np.float32),
+                                action_tokens=np.asarray(tokens[seq], np.int64), timestamp=(stamp - t0) * 1e-9))
+        if frames:
+            text = instruction or instructions.get(ep_id) or topic_instruction
+            if not text:
+                raise DatasetError(f"{path}: no instruction recorded (/episode, /instruction); pass one")
+            episodes.append(Episode(text, success, -1, frames, info={"source": str(path)}))
+    if not episodes:
+        raise DatasetError(f"{path}: none of the {len(steps)} policy steps has its camera frame recorded "
+                           f"(was rt2-record rate-limiting /camera/image?)")
+    return episodes, skipped
+
+
+def _recorded_gripper_range(meta: Mapping[str, Mapping[str, str]]) -> tuple[float, float]:
+    """(open, closed) values of /gripper_command from the recorded safety parameters (defaults 0, 1)."""
+    from rt2_ros.recording import META_PARAMS
+
+    params = meta.get(META_PARAMS, {})
+    try:
+        return (float(json.loads(params.get("output.gripper_open_value", "0.0"))),
+                float(json.loads(params.get("output.gripper_closed_value", "1.0"))))
+    except (TypeError, ValueError):
+        return 0.0, 1.0
+
+
+def _closedness(value: float, open_closed: tuple[float, float]) -> float:
+    lo, hi = open_closed
+    return float(np.clip((value - lo) / (hi - lo), 0.0, 1.0)) if hi != lo else 0.0
+
+
+def export_mcap(mcap_paths: Path | Iterable[Path], root: Path, fps: float = 10.0, *, instruction: str | None = None,
+                success: bool = False, image_size: int | None = None, token_profile: str = "rt2",
+                overwrite: bool = False, notes: list[str] | None = None) -> Path:
+    """Export ``rt2-record`` MCAP files (each may hold several episodes) to a LeRobot dataset at ``root``.
+
+    One frame per executed policy step: the action tokens of the reply (``/rt2_policy/action_tokens``),
+    the camera frames it answered (``/arm_action``'s observation stamp = the image stamps of
+    ``/camera/image`` and, when recorded, ``/wrist_camera/image``), the latest ``/ee_pose`` at that stamp
+    and the last ``/gripper_command`` as the gripper closedness (a real arm's measured gripper is not
+    recorded). A step whose camera frame was not recorded is left out (rt2-record's image rate limit).
+    ``instruction`` overrides the recorded one; ``success`` is every episode's flag (a recording does
+    not know); ``image_size`` resizes the frames to a square size. ``notes`` (a list) receives one line
+    per file: episodes, frames and steps left out.
+    """
+    paths = [Path(mcap_paths)] if isinstance(mcap_paths, (str, Path)) else [Path(p) for p in mcap_paths]
+    if not paths:
+        raise DatasetError("no MCAP files given")
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"{p}: no such recording")
+    episodes: list[Episode] = []
+    for p in paths:
+        found, skipped = _mcap_episodes(p, instruction, success, image_size)
+        episodes.extend(found)
+        if notes is not None:
+            notes.append(f"{p}: {len(found)} episode(s), {sum(len(e.frames) for e in found)} frames"
+                         + (f", {skipped} policy steps left out (camera frame not recorded)" if skipped else ""))
+    return write_lerobot(episodes, root, fps, token_profile=token_profile, robot_type="rt2_ros recording",
+                         overwrite=overwrite)
+
+
+__all__ = ["CAMERA_NAMES", "DatasetError", "Episode", "Frame", "export_mcap", "read_info", "read_lerobot",
+           "write_lerobot"]
