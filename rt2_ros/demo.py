@@ -59,6 +59,7 @@ BAND_HEIGHT_PX = 58  # the status band under the camera image in camera.gif
 PANEL_GAP_PX = 4  # white gap between the fixed and the wrist camera in camera.gif
 WRIST_PANEL_PX = 256  # about this wide, the wrist camera right of the camera image in camera.gif
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("reference", "learned")
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,24 @@ class EpisodeLog:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rt2-demo", description="Run one simulated rt2_ros episode and report it.")
-    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"default: {DEFAULT_INSTRUCTION!r}")
+    p.add_argument("--instruction", default=None,
+                   help=f"default: the --scene-seed scene's, else {DEFAULT_INSTRUCTION!r}")
     p.add_argument("--params", "--backend-params", dest="params", action="append", default=[],
                    help="ROS 2 params YAML; repeat to layer files (default: the installed config/rt2.yaml), "
                         "e.g. --params config/rt2.yaml --params config/backends/grpc.yaml")
     p.add_argument("--backend", default="", help="override backend.type (e.g. grpc with rt2-serve running)")
+    p.add_argument("--policy", choices=POLICIES, default="reference",
+                   help="reference: the params files' backend (default: the embedded reference policy); learned: "
+                        "the repo-trained checkpoint (models/rt2-tiny, rt2-train) in the local backend with "
+                        "constrained decoding, layered as config/backends/learned.yaml over the params files")
+    p.add_argument("--model", default="", help="--policy learned: checkpoint directory (default: the shipped one)")
     p.add_argument("--timeout", type=float, default=150.0, help="give up after this many seconds (default 150)")
     p.add_argument("--out", default="episodes", help="folder for episode folders (default ./episodes)")
     p.add_argument("--seed", type=int, default=None, help="object placement seed (default: params file)")
+    p.add_argument("--scene-seed", type=int, default=None,
+                   help="run the randomised scene of this rt2-collect / rt2-eval seed (cubes and tray anywhere on the "
+                        "table, colours, distractors, lighting, camera pose; its instruction unless --instruction) "
+                        "instead of the params files' scene; written to scene.yaml in the episode folder")
     p.add_argument("--ros-domain", type=int, default=87, help="ROS_DOMAIN_ID for the demo (default 87)")
     p.add_argument("--gif-fps", type=float, default=5.0, help="frames per second kept for camera.gif")
     p.add_argument("--no-record", action="store_true", help="do not record episode.mcap (rt2-record)")
@@ -132,6 +143,62 @@ def _node_params(args: argparse.Namespace, params_paths: list[Path]) -> dict[str
     return nodes
 
 
+def _learned_policy(args: argparse.Namespace, params_paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """--policy learned: the params files with config/backends/learned.yaml on top, and the policy node's
+    model_path override pointing at the checkpoint (the shipped one unless --model)."""
+    from rt2_ros.learn.evaluate import EvalError, check_model_dir, learned_params_file, shipped_model_dir
+    from rt2_ros.params import ConfigError
+
+    if args.backend and args.backend != "local":
+        raise ConfigError(f"--policy learned runs the local backend; drop --backend {args.backend}")
+    try:
+        model = check_model_dir(Path(args.model) if args.model else shipped_model_dir())
+    except EvalError as exc:
+        raise ConfigError(str(exc)) from None
+    return [*params_paths, learned_params_file()], ["-p", f"backend.local.model_path:={model}"]
+
+
+def _scene_params(args: argparse.Namespace, run_dir: Path) -> Path:
+    """--scene-seed: the scene of rt2_ros.learn.collect.make_scene as a params file (the simulator's sim.* and
+    seed; for the embedded reference policy also its camera calibration, as rt2-collect gives it), written to
+    run_dir/scene.yaml; fills in --seed and --instruction."""
+    import yaml
+
+    from rt2_ros.learn.collect import CollectError, make_scene
+    from rt2_ros.params import ConfigError
+
+    if args.seed is not None:
+        raise ConfigError("--seed and --scene-seed: give one (the scene seed is the simulator's seed)")
+    try:
+        scene = make_scene(args.scene_seed)
+    except CollectError as exc:
+        raise ConfigError(f"--scene-seed: {exc}") from None
+    args.seed = scene.seed
+    args.instruction = args.instruction or scene.instruction
+
+    def nested(flat: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in flat.items():
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    nodes: dict[str, Any] = {"rt2_sim": {"ros__parameters": nested({**scene.sim_config,
+                                                                    "sim_node.seed": scene.seed})}}
+    if args.policy == "reference" and args.backend in ("", "embedded"):
+        embedded = {f"backend.embedded.{k}": v for k, v in scene.reference_options.items()}
+        if embedded:
+            nodes["rt2_policy"] = {"ros__parameters": nested(embedded)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "scene.yaml"
+    header = f"# rt2-demo --scene-seed {scene.seed}: {scene.instruction!r} (rt2_ros.learn.collect.make_scene)\n"
+    path.write_text(header + yaml.safe_dump(nodes, sort_keys=False))
+    return path
+
+
 def _child_env() -> dict[str, str]:
     # The children import rt2_ros from the same place this process did (installed or source tree).
     path = os.environ.get("PYTHONPATH", "")
@@ -161,7 +228,17 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     params_paths = [Path(p) for p in args.params] or [default_params_file()]
+    policy_overrides = ["-p", f"backend.type:={args.backend}"] if args.backend else []
+    run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     try:
+        if args.policy == "learned":
+            params_paths, model_override = _learned_policy(args, params_paths)
+            policy_overrides += model_override
+        elif args.model:
+            raise ConfigError("--model: only with --policy learned")
+        if args.scene_seed is not None:
+            params_paths = [*params_paths, _scene_params(args, run_dir)]
+        args.instruction = args.instruction or DEFAULT_INSTRUCTION
         node_params = _node_params(args, params_paths)
     except (ParamsFileError, ConfigError) as exc:
         print(f"rt2-demo: {exc}", file=sys.stderr)
@@ -169,10 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["ROS_DOMAIN_ID"] = str(args.ros_domain)
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     params_args = [a for p in params_paths for a in ("--params-file", str(p))]
-    policy_overrides = ["-p", f"backend.type:={args.backend}"] if args.backend else []
     sim_overrides = ["-p", f"sim_node.seed:={args.seed}"] if args.seed is not None else []
     commands = {
         "policy": [sys.executable, "-m", "rt2_ros.nodes.policy_node", "--ros-args", *params_args, *policy_overrides],
