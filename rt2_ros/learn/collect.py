@@ -376,22 +376,50 @@ class _Progress:
 
 @dataclass
 class CollectSummary:
+    """What a collection run did (counted over all episodes run, written or not)."""
+
     episodes: int = 0
     successes: int = 0
     perturbed: int = 0
     recovered: int = 0  # perturbed and still successful
-    frames: int = 0
+    retried: int = 0  # episodes in which the policy re-approached after a missed grasp or stalled descent
+    frames: int = 0  # frames written
+    written: int = 0  # episodes written
     seconds: float = 0.0
     bytes: int = 0
+    processes: int = 1
+    image_size: int = 0
+    perturbation_rate: float = 0.0
 
-    def lines(self) -> list[str]:
-        rate = self.episodes / self.seconds if self.seconds > 0 else 0.0
-        return [f"episodes: {self.episodes} ({self.successes} successful, "
-                f"{100.0 * self.successes / max(self.episodes, 1):.1f} %)",
-                f"perturbed: {self.perturbed} (recovered and succeeded: {self.recovered})",
-                f"frames: {self.frames}; {self.seconds:.1f} s ({rate:.2f} episodes/s, "
-                f"{self.frames / max(self.seconds, 1e-9):.1f} steps/s)",
-                f"dataset size: {self.bytes / 1e6:.1f} MB ({self.bytes / max(self.episodes, 1) / 1e3:.0f} kB/episode)"]
+    def add(self, ep: Episode) -> None:
+        self.episodes += 1
+        self.successes += int(ep.success)
+        self.perturbed += int(bool(ep.perturbation))
+        self.recovered += int(bool(ep.perturbation) and ep.success)
+        self.retried += int(ep.info.get("grasp_retries", 0) > 0)
+
+    def rows(self) -> list[tuple[str, str]]:
+        n = max(self.episodes, 1)
+        return [
+            ("episodes", f"{self.episodes} ({self.processes} processes, {self.image_size} px, "
+                         f"perturbation rate {self.perturbation_rate:g})"),
+            ("successful", f"{self.successes} ({100.0 * self.successes / n:.1f} %)"),
+            ("perturbed / of which successful", f"{self.perturbed} / {self.recovered}"),
+            ("episodes with a re-grasp (recovery)", f"{self.retried} ({100.0 * self.retried / n:.1f} %)"),
+            ("wall time", f"{self.seconds:.1f} s: {self.episodes / max(self.seconds, 1e-9):.2f} episodes/s, "
+                          f"{self.frames / max(self.seconds, 1e-9):.1f} policy steps/s"),
+            ("written", f"{self.written} episodes, {self.frames} frames, {self.bytes / 1e6:.1f} MB "
+                        f"({self.bytes / max(self.written, 1) / 1e3:.0f} kB/episode)"),
+        ]
+
+    def markdown(self) -> str:
+        import os
+        import platform
+
+        machine = (f"{platform.node() or 'unknown host'}: {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}")
+        lines = ["| rt2-collect | |", "|---|---|", *(f"| {k} | {v} |" for k, v in self.rows())]
+        return "\n".join([*lines, "", f"Machine: {machine}", ""])
 
 
 def collect(out: Path, episodes: int, seed: int = 0, processes: int = 1, image_size: int = 64, *,
@@ -410,20 +438,19 @@ def collect(out: Path, episodes: int, seed: int = 0, processes: int = 1, image_s
         raise CollectError(f"--image-size {image_size} is too small for the reference policy "
                            f"(>= {REFERENCE_MIN_IMAGE_SIZE} px); downscale the dataset for training instead")
     summary = summary if summary is not None else CollectSummary()
+    summary.processes, summary.image_size, summary.perturbation_rate = processes, image_size, perturbation_rate
     jobs = [(s, image_size, perturbation_rate, randomize, max_steps) for s in range(seed, seed + episodes)]
     bar = _Progress(len(jobs)) if progress else None
     start = time.monotonic()
 
     def stream(results: Iterator[Episode]) -> Iterator[Episode]:
         for ep in results:
-            summary.episodes += 1
-            summary.successes += int(ep.success)
-            summary.perturbed += int(bool(ep.perturbation))
-            summary.recovered += int(bool(ep.perturbation) and ep.success)
+            summary.add(ep)
             if bar is not None:
                 bar.update(ep)
             if ep.success or not successful_only:
                 summary.frames += len(ep.frames)
+                summary.written += 1
                 yield ep
 
     fps, _ = _rates()
@@ -468,6 +495,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                      help=f"policy steps per episode (default: {MAX_STEPS})")
     sim.add_argument("--successful-only", action="store_true", help="write only successful episodes")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--report", type=Path, default=None, metavar="FILE",
+                     help="also write the run's summary (speed, success and recovery rates) as a Markdown table")
     rec = p.add_argument_group("robot recordings")
     rec.add_argument("--from-mcap", type=Path, nargs="+", metavar="FILE",
                      help="export these rt2-record MCAP files (one episode each) instead of simulating")
@@ -509,8 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rt2-collect: interrupted; the dataset at --out is incomplete", file=sys.stderr)
         return 130
     print(f"rt2-collect: wrote {out}")
-    for line in summary.lines():
-        print(f"  {line}")
+    report = summary.markdown()
+    print(report, end="")
+    if args.report:
+        try:
+            args.report.write_text(report, encoding="utf-8")
+        except OSError as exc:
+            print(f"rt2-collect: cannot write --report {args.report}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -33,6 +33,14 @@ Design choices:
   the hand the camera sits on is up", which keeps the fingers at the bottom of the image.
   Rendered on request only (:meth:`TabletopSim.render` with ``camera="wrist"``), at its own
   size, so a node that does not publish it pays nothing.
+* **Randomisation for demonstrations** (all off by default: a seed gives the scene and the pixels
+  it always gave): ``sim.placement: workspace`` puts the tray and the cubes anywhere on
+  ``sim.placement_min..max`` (reachable, in the default camera's view), ``sim.min_object_spacing_m``
+  apart so the open fingers fit between objects; ``sim.color_jitter`` varies the shades (up to
+  0.25 within the reference policy's HSV ranges), ``sim.distractors`` adds dull objects no instruction names,
+  ``sim.lighting_jitter`` moves and scales the light. Appearance draws come from a random stream
+  of their own, so switching them on never moves an object. rt2-collect (rt2_ros.learn.collect)
+  jitters the camera pose through the ``sim.camera_*`` parameters.
 """
 
 from __future__ import annotations
@@ -165,15 +173,16 @@ SIM_PARAMS: tuple[ParamSpec, ...] = (
               "each also stays this far from the tray's walls", "m", 0.03, 0.3),
     ParamSpec("sim.color_jitter", "double", 0.0,
               "0: the fixed colours; > 0: each reset varies every cube's and the tray's hue (+- 0.05 x this of "
-              "the hue circle), saturation and value (x 1 - this .. 1), and tints the table (seeded)", "", 0.0, 0.5),
+              "the hue circle), saturation and value (x 1 - this .. 1), and tints the table (seeded); up to 0.25 the "
+              "colours stay inside the embedded policy's default HSV ranges", "", 0.0, 0.5),
     ParamSpec("sim.distractors", "int", 0,
               "extra objects no instruction names (grey/white/brown blocks, sticks and balls: saturation below "
               "every colour the reference policy looks for), placed at random on the table at each reset", "",
               0, MAX_DISTRACTORS),
     ParamSpec("sim.lighting_jitter", "double", 0.0,
               "0: pybullet's default light; > 0: each reset draws a light direction (up to 60 deg x this from "
-              "overhead) and scales ambient/diffuse/specular light by 1 +- 0.4 x this (seeded; cameras render "
-              "with it)", "", 0.0, 1.0),
+              "overhead) and scales ambient/diffuse/specular light by 1 - 0.25 x this .. 1 + 0.4 x this (seeded; "
+              "cameras render with it)", "", 0.0, 1.0),
     ParamSpec("sim.finger_force", "double", 60.0, "force of each finger motor", "N", 1.0, 200.0),
     ParamSpec("sim.finger_friction", "double", 2.0, "lateral friction coefficient of the finger pads", "", 0.1, 10.0),
     ParamSpec("sim.grasp_assist", "bool", False,
@@ -430,7 +439,8 @@ class TabletopSim:
             tilt = rng.uniform(0.0, math.radians(60.0) * light)
             azimuth = rng.uniform(-math.pi, math.pi)
             direction = [math.sin(tilt) * math.cos(azimuth), math.sin(tilt) * math.sin(azimuth), math.cos(tilt)]
-            ambient, diffuse, specular = (k * rng.uniform(1 - 0.4 * light, 1 + 0.4 * light)
+            # dimmer than -25 % the darkest shades leave the embedded policy's yellow range (V >= 80)
+            ambient, diffuse, specular = (k * rng.uniform(1 - 0.25 * light, 1 + 0.4 * light)
                                           for k in DEFAULT_LIGHT_COEFFS)
             self._light_args = {"lightDirection": direction, "lightAmbientCoeff": ambient,
                                 "lightDiffuseCoeff": diffuse, "lightSpecularCoeff": specular}
