@@ -166,7 +166,7 @@ def run_fast(policy, seeds: Iterable[int], image_size: int, progress: Callable[[
     return outcomes
 
 
-def run_nodes(model: Path, seeds: Iterable[int], out_dir: Path, timeout_s: float = 90.0, ros_domain: int = 88,
+def run_nodes(model: Path, seeds: Iterable[int], out_dir: Path, timeout_s: float = 30.0, ros_domain: int = 88,
               progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Episodes through the nodes: ``rt2-demo --policy learned`` per seed (a child process each, so every
     episode starts from fresh nodes), judged by the demo from the simulator's ground truth."""
@@ -227,7 +227,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the reference policy")
     p.add_argument("--out", default="bench/results/learned_eval", help="folder for the report and GIFs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--node-timeout", type=float, default=90.0, help="time limit of one episode through the nodes [s]")
+    p.add_argument("--node-timeout", type=float, default=30.0,
+                   help="time limit of one episode through the nodes (default 30 s: rt2-collect's 300 steps at 10 Hz, "
+                        "as in fast mode)")
+    p.add_argument("--keep-node-runs", action="store_true",
+                   help="keep rt2-demo's episode folders (GIFs, logs) of the node runs under --out/nodes")
     return p.parse_args(argv)
 
 
@@ -287,7 +291,7 @@ def _evaluate(args: argparse.Namespace, model: Path) -> int:
                                               max_steps=args.max_steps)
     if args.nodes:
         with tempfile.TemporaryDirectory(prefix="rt2_eval_nodes_") as tmp:
-            node_dir = out / "nodes" if args.out else Path(tmp)
+            node_dir = out / "nodes" if args.keep_node_runs else Path(tmp)
             columns["learned, through the nodes"] = run_nodes(model, seeds[:args.nodes], node_dir,
                                                               args.node_timeout, progress=show("learned nodes"))
     report = _report(args, model, columns, gifs, fast_s)
