@@ -189,7 +189,9 @@ def _record(path: Path, episode: Episode, *, topics: tuple[str, ...] | None = No
             bins = [int(b) for b in frame.action_tokens]
             write("/rt2_policy/action_tokens", ActionTokens(observation_seq=seq, tokens=bins, profile="rt2"), t + 10**7)
             a = tok.decode(bins, observation_seq=seq)
-            msg = ArmAction(observation_seq=seq, episode_id=uuid_msg(episode_id), observation_stamp=stamp,
+            # the policy node carries the frame stamp as float seconds: the stamp comes back ~100 ns off
+            observed = Time(sec=sec, nanosec=min(nanosec + 97, 10**9 - 1))
+            msg = ArmAction(observation_seq=seq, episode_id=uuid_msg(episode_id), observation_stamp=observed,
                             gripper=float(a.gripper), terminate=a.terminate)
             write("/arm_action", msg, t + 2 * 10**7)
 

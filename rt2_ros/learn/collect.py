@@ -401,7 +401,7 @@ class CollectSummary:
     def rows(self) -> list[tuple[str, str]]:
         n = max(self.episodes, 1)
         return [
-            ("episodes", f"{self.episodes} ({self.processes} processes, {self.image_size} px, "
+            ("episodes", f"{self.episodes} (processes: {self.processes}, images: {self.image_size} px, "
                          f"perturbation rate {self.perturbation_rate:g})"),
             ("successful", f"{self.successes} ({100.0 * self.successes / n:.1f} %)"),
             ("perturbed / of which successful", f"{self.perturbed} / {self.recovered}"),
@@ -499,7 +499,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="also write the run's summary (speed, success and recovery rates) as a Markdown table")
     rec = p.add_argument_group("robot recordings")
     rec.add_argument("--from-mcap", type=Path, nargs="+", metavar="FILE",
-                     help="export these rt2-record MCAP files (one episode each) instead of simulating")
+                     help="export these rt2-record MCAP files (each may hold several episodes) instead of simulating")
     rec.add_argument("--instruction", default=None,
                      help="instruction of the exported episodes when the recording has none on its topic")
     rec.add_argument("--fps", type=float, default=None,

@@ -423,11 +423,22 @@ def read_lerobot(root: Path) -> Iterator[Episode]:
 # ---------------------------------------------------------------------------------------------- MCAP export
 #: recording topic -> dataset camera name
 MCAP_CAMERA_TOPICS = {"/camera/image": "camera", "/wrist_camera/image": "wrist_camera"}
+# An action's observation_stamp went through a float (seconds) in the nodes: ~240 ns resolution at today's epoch
+# times; camera frames are >= 33 ms apart, so 1 ms tells them apart safely.
+STAMP_MATCH_NS = 1_000_000
 MCAP_REQUIRED_TOPICS = ("/rt2_policy/action_tokens", "/arm_action", "/camera/image", "/ee_pose")
 
 
 def _stamp_ns(stamp: Any) -> int:
     return int(stamp.sec) * 10**9 + int(stamp.nanosec)
+
+
+def _nearest(times: np.ndarray, t: int, tolerance: int) -> int | None:
+    """The entry of sorted ``times`` closest to ``t`` if within ``tolerance``, else None."""
+    k = int(np.searchsorted(times, t))
+    near = [int(times[i]) for i in (k - 1, k) if 0 <= i < len(times)]
+    best = min(near, key=lambda v: abs(v - t), default=None)
+    return best if best is not None and abs(best - t) <= tolerance else None
 
 
 def _latest_at(times: np.ndarray, t: int) -> int | None:
@@ -479,15 +490,15 @@ def _mcap_episodes(path: Path, instruction: str | None, success: bool, image_siz
     if not steps:
         raise DatasetError(f"{path}: no policy step with action tokens and a camera stamp (continuous-action "
                            f"backends record no tokens)")
-    wanted = {stamp for _, stamp, _ in steps}
+    wanted = np.unique(np.array([stamp for _, stamp, _ in steps], np.int64))
     frames_by_camera: dict[str, dict[int, np.ndarray]] = {c: {} for c in cameras.values()}
     # the one sensor_msgs/Image decoder of the project (its module imports rclpy, as a recording's owner has it)
     from rt2_ros.nodes.common import ImageConversionError, image_msg_to_rgb
 
     try:
         for m in iter_messages(path, list(cameras)):
-            stamp = _stamp_ns(m.message.header.stamp)
-            if stamp in wanted:
+            stamp = _nearest(wanted, _stamp_ns(m.message.header.stamp), STAMP_MATCH_NS)
+            if stamp is not None:
                 img = image_msg_to_rgb(m.message)
                 if image_size:
                     img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
