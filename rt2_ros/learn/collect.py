@@ -39,7 +39,7 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,6 @@ class _Perturber:
     scene: Scene
     rng: np.random.Generator
     applied: bool = False
-    active_steps: set[int] = field(default_factory=set)
 
     def noise(self, step: int) -> np.ndarray | None:
         """The translation noise for this step's executed action, or None."""
@@ -218,13 +217,13 @@ class _Perturber:
     def _free_spot(self, sim, origin: np.ndarray, p: Perturbation) -> np.ndarray | None:
         """``origin`` displaced by ``p`` (trying other directions if needed), on the placement area and clear of
         the tray and other objects; None if there is no such spot."""
+        from rt2_ros.sim.tabletop import TRAY_HALF_INNER_M
+
         c = sim.config
         lo, hi = np.asarray(c["sim.placement_min"]), np.asarray(c["sim.placement_max"])
         others = [xy[:2] for name, xy in sim.object_positions().items() if name not in (self.scene.target, "tray")]
         others += [xy[:2] for xy in sim.distractor_positions()]
         tray = sim.object_positions()["tray"][:2]
-        from rt2_ros.sim.tabletop import TRAY_HALF_INNER_M
-
         spacing = c["sim.min_object_spacing_m"]  # the placement's own rule: room for the open fingers
         for k in range(12):
             angle = p.angle_rad + k * math.pi / 6
