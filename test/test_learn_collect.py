@@ -92,6 +92,9 @@ def test_reference_policy_recovers_from_a_nudged_cube():
     assert states.shape == (len(ep.frames), 8) and np.all(np.diff([f.timestamp for f in ep.frames]) > 0.09)
     assert {f.images["camera"].shape for f in ep.frames} == {(64, 64, 3)}
     assert {f.images["wrist_camera"].shape for f in ep.frames} == {(64, 64, 3)}
+    downscaled = run_episode(0, None, 64, scene=scene, render_size=128, max_steps=2)  # node-pipeline pixels
+    assert downscaled.frames[0].images["camera"].shape == (64, 64, 3)
+    assert not np.array_equal(downscaled.frames[0].images["camera"], ep.frames[0].images["camera"])
 
 
 def test_collection_in_two_processes_reads_back_identically(tmp_path):

@@ -246,7 +246,7 @@ def _success(sim, instruction: str) -> tuple[bool, str]:
 
 def run_episode(seed: int, policy=None, image_size: int = 64, *, scene: Scene | None = None,
                 perturbation_rate: float = 0.0, randomize: bool = True, max_steps: int = MAX_STEPS,
-                timeout_s: float = TIMEOUT_S, tokenizer=None) -> Episode:
+                timeout_s: float = TIMEOUT_S, tokenizer=None, render_size: int | None = None) -> Episode:
     """One closed-loop episode without ROS (module docstring), recorded.
 
     ``policy``: anything with ``infer(Observation, timeout_s) -> BackendReply`` (a Backend); None = the
@@ -254,10 +254,15 @@ def run_episode(seed: int, policy=None, image_size: int = 64, *, scene: Scene | 
     ``camera`` and the wrist camera as ``wrist_camera``, both rendered at ``image_size`` px square, and
     the measured end-effector pose and gripper. A reply that does not parse is dropped (the arm holds,
     as in the policy node) and not recorded. ``scene``: default ``make_scene(seed, ...)``.
+    ``render_size``: render both cameras at this square size and resize them to ``image_size`` with
+    :func:`rt2_ros.imaging.resize` — the pixels of a node pipeline whose camera publishes ``render_size``
+    frames and whose backend resizes them; None (default): render at ``image_size`` directly (~5x faster
+    than 224 px, and not the same pixels as a downscaled 224 px frame).
     ``Episode.info`` holds steps, terminated, verdict, dropped replies and grasp retries.
     """
     from rt2_ros.actions import ArmAction, Observation
     from rt2_ros.backends.base import BackendError
+    from rt2_ros.imaging import resize
     from rt2_ros.safety import SafetyConfig, SafetyFilter
     from rt2_ros.tokens import ActionTokenizer, TokenError
 
@@ -285,8 +290,12 @@ def run_episode(seed: int, policy=None, image_size: int = 64, *, scene: Scene | 
         safety.start_episode(pos, quat, sim.gripper_closedness(), sim.time_s, pose_time=sim.time_s)
         t0 = sim.time_s
         for step in range(max_steps):
-            main = sim.render(image_size, image_size)
-            wrist = sim.render(image_size, image_size, camera="wrist")
+            if render_size:
+                main, wrist = (resize(sim.render(render_size, render_size, camera=cam), image_size, image_size)
+                               for cam in ("main", "wrist"))
+            else:
+                main = sim.render(image_size, image_size)
+                wrist = sim.render(image_size, image_size, camera="wrist")
             pos, quat = sim.ee_pose()
             grip = sim.gripper_closedness()
             obs = Observation(main, scene.instruction, step, sim.time_s, ee_position=pos, ee_orientation=quat,
@@ -335,10 +344,10 @@ def run_episode(seed: int, policy=None, image_size: int = 64, *, scene: Scene | 
 
 
 # ---------------------------------------------------------------------------------------------- collection
-def _worker(job: tuple[int, int, float, bool, int]) -> Episode:
-    seed, image_size, perturbation_rate, randomize, max_steps = job
+def _worker(job: tuple[int, int, float, bool, int, int | None]) -> Episode:
+    seed, image_size, perturbation_rate, randomize, max_steps, render_size = job
     return run_episode(seed, None, image_size, perturbation_rate=perturbation_rate, randomize=randomize,
-                       max_steps=max_steps)
+                       max_steps=max_steps, render_size=render_size)
 
 
 class _Progress:
@@ -424,7 +433,7 @@ class CollectSummary:
 def collect(out: Path, episodes: int, seed: int = 0, processes: int = 1, image_size: int = 64, *,
             perturbation_rate: float = 0.5, randomize: bool = True, max_steps: int = MAX_STEPS,
             successful_only: bool = False, overwrite: bool = False, progress: bool = True,
-            summary: CollectSummary | None = None) -> Path:
+            summary: CollectSummary | None = None, render_size: int | None = None) -> Path:
     """Collect ``episodes`` episodes (seeds ``seed`` .. ``seed + episodes - 1``) in ``processes`` processes
     into a LeRobot dataset at ``out``. Failed episodes are kept (``success`` false) unless
     ``successful_only``."""
@@ -438,7 +447,7 @@ def collect(out: Path, episodes: int, seed: int = 0, processes: int = 1, image_s
                            f"(>= {REFERENCE_MIN_IMAGE_SIZE} px); downscale the dataset for training instead")
     summary = summary if summary is not None else CollectSummary()
     summary.processes, summary.image_size, summary.perturbation_rate = processes, image_size, perturbation_rate
-    jobs = [(s, image_size, perturbation_rate, randomize, max_steps) for s in range(seed, seed + episodes)]
+    jobs = [(s, image_size, perturbation_rate, randomize, max_steps, render_size) for s in range(seed, seed + episodes)]
     bar = _Progress(len(jobs)) if progress else None
     start = time.monotonic()
 
@@ -486,6 +495,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     sim.add_argument("--seed", type=int, default=0, help="first scene seed (default: 0)")
     sim.add_argument("--processes", type=int, default=2, help="parallel worker processes (default: 2)")
     sim.add_argument("--image-size", type=int, default=64, help="square image size of both cameras, px (default: 64)")
+    sim.add_argument("--render-size", type=int, default=None, metavar="PX",
+                     help="render the cameras at PX and downscale to --image-size (the pixels of a node pipeline "
+                          "with PX camera frames; ~3x slower); default: render at --image-size")
     sim.add_argument("--perturbation-rate", type=float, default=0.5,
                      help="share of episodes with a perturbation to recover from (default: 0.5)")
     sim.add_argument("--no-randomize", action="store_true",
@@ -529,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = collect(args.out, args.episodes, args.seed, args.processes, args.image_size,
                       perturbation_rate=args.perturbation_rate, randomize=not args.no_randomize,
                       max_steps=args.max_steps, successful_only=args.successful_only, overwrite=args.overwrite,
-                      progress=not args.quiet, summary=summary)
+                      progress=not args.quiet, summary=summary, render_size=args.render_size)
     except (CollectError, DatasetError) as exc:
         print(f"rt2-collect: error: {exc}", file=sys.stderr)
         return 2
