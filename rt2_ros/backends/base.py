@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import stat
@@ -161,9 +163,61 @@ def time_left(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
+class _Watchdog:
+    """One daemon thread that runs each armed ``abort`` at its deadline unless disarmed first.
+
+    Why not a ``threading.Timer`` per call: starting a thread waits until the new thread runs, which
+    cost ~0.3 ms per openpi request on a loaded 2-core machine (profiled by bench/transport.py), as
+    much as the whole exchange. Arming here is a heap push under a lock; the thread is woken only when
+    the new deadline is earlier than the one it sleeps towards.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._live: set[int] = set()
+        self._ids = itertools.count()
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, fire: Callable[[], None]) -> int:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rt2-abort-watchdog", daemon=True)
+                self._thread.start()
+            ident = next(self._ids)
+            heapq.heappush(self._heap, (deadline, ident, fire))
+            self._live.add(ident)
+            if deadline < self._wake_at:
+                self._cond.notify()
+            return ident
+
+    def disarm(self, ident: int) -> None:
+        with self._cond:
+            self._live.discard(ident)  # its heap entry is dropped when it comes up
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)
+                now = time.monotonic()
+                if not self._heap or self._heap[0][0] > now:
+                    self._wake_at = self._heap[0][0] if self._heap else float("inf")
+                    self._cond.wait(None if not self._heap else self._wake_at - now)
+                    self._wake_at = float("inf")
+                    continue
+                _, ident, fire = heapq.heappop(self._heap)
+                self._live.discard(ident)
+            fire()  # outside the lock: abort() may block briefly (socket shutdown)
+
+
+_WATCHDOG = _Watchdog()
+
+
 @contextlib.contextmanager
 def abort_at(deadline: float, abort: Callable[[], None]) -> Iterator[threading.Event]:
-    """Run the block; if it is still running at ``deadline``, call ``abort()`` from a timer thread.
+    """Run the block; if it is still running at ``deadline``, call ``abort()`` from a watchdog thread.
 
     For library calls that can block without a timeout of their own (a websocket send into a
     full socket buffer): ``abort`` shuts the socket down, which makes the blocked call raise in
@@ -177,13 +231,11 @@ def abort_at(deadline: float, abort: Callable[[], None]) -> Iterator[threading.E
         with contextlib.suppress(Exception):
             abort()
 
-    timer = threading.Timer(max(0.0, time_left(deadline)), fire)
-    timer.daemon = True
-    timer.start()
+    ident = _WATCHDOG.arm(deadline, fire)
     try:
         yield fired
     finally:
-        timer.cancel()
+        _WATCHDOG.disarm(ident)
 
 
 def resolve_options(specs: tuple[ParamSpec, ...], prefix: str, options: dict) -> dict:
