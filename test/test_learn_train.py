@@ -195,3 +195,36 @@ def test_demo_scene_seed_params_are_what_the_nodes_accept(tmp_path):
     assert sim["sim_node.seed"] == seed and sim["sim.placement"] == "workspace"
     assert sim["sim.objects"] == scene.sim_config["sim.objects"] and sim["sim.camera_width"] == 64
     assert nodes["rt2_policy"]["backend.type"] == "local"
+
+
+def test_shipped_checkpoint_loads_and_answers_a_rendered_scene():
+    from rt2_ros.learn.collect import make_scene
+
+    model = evaluate.shipped_model_dir()
+    assert (model / "config.json").is_file(), f"the shipped checkpoint is missing: {model} (make train-learned)"
+    report = evaluate.json.loads((model / train.REPORT_FILE).read_text())
+    assert report["checkpoint_bytes"] < 5_000_000 and report["held_out"]["frames"] > 0
+    size = report["spec"]["image_size"]
+    with make_scene(evaluate.FIRST_EVAL_SEED).build_sim() as sim:
+        main, wrist = sim.render(size, size), sim.render(size, size, camera="wrist")
+    obs = Observation(main, make_scene(evaluate.FIRST_EVAL_SEED).instruction, 0, 0.0,
+                      images={"camera": main, "wrist_camera": wrist})
+    backend = evaluate.learned_backend(model)
+    try:
+        reply = backend.infer(obs, timeout_s=10.0)
+    finally:
+        backend.close()
+    bins = ActionTokenizer.from_profile("rt2").parse_text(reply.text).bins
+    assert len(bins) == 8
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--policy", "learned", "--model", "/nonexistent/rt2"], "no checkpoint at"),
+    (["--model", "/nonexistent/rt2"], "--model: only with --policy learned"),
+    (["--seed", "3", "--scene-seed", "5"], "give one"),
+])
+def test_demo_refuses_bad_learned_options_before_starting_nodes(tmp_path, capsys, argv, message):
+    from rt2_ros.demo import main as demo_main
+
+    assert demo_main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
