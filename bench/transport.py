@@ -396,6 +396,8 @@ def plot(clients: list[Client], lat: dict[str, np.ndarray], rows: list[dict], ou
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     names = sorted(lat, key=lambda n: np.percentile(lat[n], 50))
     side = {c.name: c.side for c in clients}
@@ -404,11 +406,13 @@ def plot(clients: list[Client], lat: dict[str, np.ndarray], rows: list[dict], ou
     p95 = [np.percentile(lat[n], 95) for n in names]
     y = np.arange(len(names))
     ax.barh(y, p50, color=["tab:blue" if side[n] == "rt2_ros" else "tab:orange" for n in names], label="p50")
-    ax.errorbar(p95, y, fmt="k|", markersize=10, label="p95")
+    ax.errorbar(p95, y, fmt="k|", markersize=10)
     ax.set_yticks(y, [f"{n} ({side[n]})" for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("call latency, ms (loopback, null policy, 224x224x3 + instruction)")
-    ax.legend(loc="lower right")
+    ax.legend(handles=[Patch(color="tab:blue", label="rt2_ros p50"), Patch(color="tab:orange", label="peer p50"),
+                       Line2D([], [], color="k", marker="|", linestyle="", markersize=10, label="p95")],
+              loc="lower right")
     fig.tight_layout()
     latency_png = out_dir / "transport.png"
     fig.savefig(latency_png, dpi=110)
@@ -428,8 +432,9 @@ def plot(clients: list[Client], lat: dict[str, np.ndarray], rows: list[dict], ou
         ax.set_xlabel("bytes per observation (log)")
         ax.set_yticks(y + 0.2, [t.split(" (")[0] for t in transports], fontsize=8)
     axes[0].invert_yaxis()
-    axes[1].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     bytes_png = out_dir / "transport_bytes.png"
     fig.savefig(bytes_png, dpi=110)
     plt.close(fig)
