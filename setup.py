@@ -45,6 +45,7 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.json")),
         (f"share/{PACKAGE}/config/backends", glob("config/backends/*.yaml")),
         (f"share/{PACKAGE}/proto", glob("rt2_ros/backends/proto/*.proto")),
+        (f"share/{PACKAGE}/models/rt2-tiny", glob("models/rt2-tiny/*")),
         (f"lib/{PACKAGE}", NODE_EXECUTABLES),
     ],
     install_requires=[],  # pinned in requirements.txt; ROS packages come from the ROS install
