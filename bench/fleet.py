@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--b-ms", type=float, default=5.0, help="forward pass cost per observation in the batch")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (fleet.num_replicas)")
     args = ap.parse_args()
     workers = 2 * max(args.robots)
     rows: dict[str, list[dict]] = {}
@@ -126,7 +127,9 @@ def main() -> int:
                           f"      simulated_model: {{base_s: {args.a_ms / 1000}, per_item_s: {args.b_ms / 1000}}}\n"
                           "    tokenizer: {profile: rt2}\n")
         fleet_config.write_text(f"fleet:\n  max_batch_size: {args.max_batch}\n"
-                                f"  batch_wait_timeout_s: {args.batch_wait_ms / 1000}\n  replica: {{num_cpus: 0.5}}\n")
+                                f"  batch_wait_timeout_s: {args.batch_wait_ms / 1000}\n"
+                                f"  num_replicas: {args.replicas}\n"
+                                f"  replica: {{num_cpus: {1.0 / args.replicas:g}}}\n")
         for kind in args.servers:
             proc, target = start_server(kind, params, fleet_config, workers)
             try:
@@ -142,7 +145,8 @@ def main() -> int:
     names = {"lock": "rt2-serve (lock)", "ray": "rt2-fleet-serve (Ray Serve)"}
     lines = [f"Model-cost simulator t = {args.a_ms:g} ms + {args.b_ms:g} ms x batch; robots ask at up to "
              f"{RATE_HZ:g} Hz, {args.seconds:g} s per point, call timeout {CALL_TIMEOUT_S:g} s; Ray: max batch "
-             f"{args.max_batch}, batch wait {args.batch_wait_ms:g} ms, 1 replica. Machine: {machine()}.", "",
+             f"{args.max_batch}, batch wait {args.batch_wait_ms:g} ms, {args.replicas} replica(s). "
+             f"Machine: {machine()}.", "",
              "| server | robots | Hz per robot (mean / min) | actions/s total | p50 ms | p99 ms | failed calls |",
              "|---|---|---|---|---|---|---|"]
     for kind, kind_rows in rows.items():

@@ -42,10 +42,22 @@ class BatchingReplica:
         self._answer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batch_sizes: Counter[int] = Counter()
         self._skipped = 0
+        # Set while no batch runs. Ray Serve 2.60's @serve.batch cuts a batch when its wait window ends even
+        # while the previous batch still runs (the next one then queues for the model), so under load every
+        # batch held only what arrived in one window (~1 call). Calls that arrive during a batch wait here and
+        # join the next batch together.
+        self._model_free = asyncio.Event()
+        self._model_free.set()
 
     async def infer(self, observation: Observation, timeout_s: float) -> BackendReply | BackendError:
         """Answer one observation within ``timeout_s`` (counted from its arrival here)."""
-        return await self._answer_batch((observation, time.monotonic() + timeout_s))
+        deadline = time.monotonic() + timeout_s
+        try:
+            await asyncio.wait_for(self._model_free.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            self._skipped += 1
+            return BackendTimeout(f"{self._backend_type}: the model stayed busy for the whole {timeout_s:.3f} s budget")
+        return await self._answer_batch((observation, deadline))
 
     def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica ran (batch size -> count)."""
@@ -64,10 +76,11 @@ class BatchingReplica:
             self._skipped += 1
             results[i] = BackendTimeout(f"{self._backend_type}: the deadline passed before the batch started")
         if live:
+            self._model_free.clear()
             self._batch_sizes[len(live)] += 1
             budget = max(calls[i][1] for i in live) - now
             try:
-                # in a thread: the replica's event loop keeps collecting the next batch meanwhile
+                # in a thread: the replica's event loop keeps taking calls (they wait for _model_free) meanwhile
                 answers = await asyncio.to_thread(self._backend.infer_batch, [calls[i][0] for i in live], budget)
             except BackendError as exc:
                 answers = [exc] * len(live)
@@ -75,6 +88,8 @@ class BatchingReplica:
                 _log.exception("backend %s failed on a batch of %d", self._backend_type, len(live))
                 answers = [BackendError(f"{self._backend_type}: unexpected error in the hosted backend; see the "
                                         f"Ray Serve replica log")] * len(live)
+            finally:
+                self._model_free.set()
             if len(answers) != len(live):
                 answers = [BackendError(f"{self._backend_type}: infer_batch answered {len(answers)} results for "
                                         f"{len(live)} observations")] * len(live)
