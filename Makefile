@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMPS := .stamps
 SOURCES := $(shell find rt2_ros scripts launch config models -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.proto' -o -name '*.json' -o -path 'scripts/*' -o -path 'models/*' \) 2>/dev/null) setup.py setup.cfg package.xml
 
-.PHONY: setup setup-test demo test lint clean distclean collect train-learned eval-learned demo-learned
+.PHONY: setup setup-test demo test lint clean distclean collect train-learned eval-learned demo-learned bench
 
 setup: $(STAMPS)/installed
 setup-test: $(STAMPS)/installed $(STAMPS)/local-extra $(STAMPS)/fleet-extra
@@ -76,6 +76,17 @@ eval-learned: setup-test
 
 demo-learned: setup-test
 	$(VENV)/bin/rt2-demo --policy learned --scene-seed 1000000
+
+# Benchmarks (README "Performance"): transports and codecs, control under backend latency and the demo rate,
+# fleet serving; each prints Markdown tables and writes them with the machine to bench/results/ (< 10 min).
+bench: setup-test
+	$(PY) bench/transport.py
+	$(PY) bench/control.py
+	$(PY) bench/fleet.py
+	@echo "== make bench: targets (bench/results/*.md)"
+	@grep -HE '\*\*(met|not met)\*\*' bench/results/transport.md bench/results/fleet.md 2>/dev/null || true
+	@grep -HE '^\| h[0-9]+ ' bench/results/control.md || true
+	@ls -1 bench/results/transport.* bench/results/control.* bench/results/demo_rate.* bench/results/fleet.*
 
 clean:
 	rm -rf build $(STAMPS) *.egg-info rt2_ros/backends/proto/*_pb2*.py

@@ -227,6 +227,56 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+# -- closed-loop demo rate (issue 14, part 5) --------------------------------------------------------------
+DEMO_CAMERAS = {  # params overlay per setting: the sim renders what the policy node consumes
+    1: {"rt2_sim": {"ros__parameters": {"sim_node": {"wrist_camera": False}}},
+        "rt2_policy": {"ros__parameters": {"cameras": {"names": ["camera"]}}}},
+    2: {"rt2_sim": {"ros__parameters": {"sim_node": {"wrist_camera": True}}},
+        "rt2_policy": {"ros__parameters": {"cameras": {"names": ["camera", "wrist"],
+                                                       "wrist": {"topic": "wrist_camera/image"}}}}},
+}
+
+
+def demo_rate(cameras: list[int], episodes: int, timeout_s: float) -> tuple[str, list[dict]]:
+    """rt2-demo (simulator rendering, embedded policy, nodes over DDS), one episode per run and setting:
+    steps (released actions), action rate by the actions' stamps, wall time and success from summary.json."""
+    import yaml
+
+    work = Path(tempfile.mkdtemp(prefix="rt2_bench_demo_"))
+    rows = []
+    for ep in range(episodes):
+        for n in cameras:
+            params = work / f"cameras{n}.yaml"
+            params.write_text(yaml.safe_dump(DEMO_CAMERAS[n]))
+            out = work / f"cam{n}_ep{ep}"
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            t0 = time.monotonic()
+            run = subprocess.run([sys.executable, "-m", "rt2_ros.demo", "--params", str(params), "--no-record",
+                                  "--out", str(out), "--scene-seed", str(ep), "--ros-domain", "101",
+                                  "--timeout", str(timeout_s)],
+                                 capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout_s + 60)
+            wall = time.monotonic() - t0
+            found = sorted(out.glob("*/summary.json"))
+            if not found:
+                raise SystemExit(f"rt2-demo wrote no summary.json (exit {run.returncode}):\n{run.stdout[-1500:]}"
+                                 f"{run.stderr[-1500:]}")
+            summary = json.loads(found[-1].read_text())
+            rows.append({"cameras": n, "episode": ep, "success": bool(summary["success"]), "steps": summary["steps"],
+                         "rate_hz": summary["control_rate_hz"], "episode_s": summary["wall_time_s"],
+                         "process_s": wall, "age_p50_ms": summary["action_age_ms"].get("p50", float("nan"))})
+            print(f"demo {n} camera(s) episode {ep}: {rows[-1]}", flush=True)
+    lines = ["| cameras | episodes | success | steps (p50) | actions/s (p50) | action age p50 ms | "
+             "episode s (p50) | rt2-demo process s (p50) |", "|" + "---|" * 8]
+    for n in cameras:
+        rs = [r for r in rows if r["cameras"] == n]
+        med = {k: float(np.median([r[k] for r in rs])) for k in ("steps", "rate_hz", "age_p50_ms", "episode_s",
+                                                                   "process_s")}
+        lines.append(f"| {n} | {len(rs)} | {sum(r['success'] for r in rs)}/{len(rs)} | {med['steps']:.0f} | "
+                     f"{med['rate_hz']:.2f} | {med['age_p50_ms']:.0f} | {med['episode_s']:.1f} | "
+                     f"{med['process_s']:.1f} |")
+    return "\n".join(lines), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -238,25 +288,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "control.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--parts", nargs="+", choices=("latency", "demo"), default=["latency", "demo"])
+    ap.add_argument("--demo-cameras", type=int, nargs="+", choices=sorted(DEMO_CAMERAS), default=[1, 2])
+    ap.add_argument("--demo-episodes", type=int, default=1, help="rt2-demo episodes per camera setting")
+    ap.add_argument("--demo-timeout", type=float, default=90.0, help="s per rt2-demo episode")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.window <= 0 or any(h < 1 for h in args.horizons):
         ap.error("--rounds and --horizons must be >= 1, --window > 0")
-    t0 = time.monotonic()
-    rows, load_before, load_after = run(args)
-    table, summary = summarise(rows, args.camera_hz)
-    report = (f"# Control under backend latency (bench/control.py)\n\nMachine: {machine()}\n\n"
-              f"Load before: `{load_before}`  \nLoad after: `{load_after}`\n\n"
-              f"Camera 224x224 at {args.camera_hz:g} Hz, policy.execute_rate_hz {EXECUTE_RATE_HZ:g}, "
-              f"safety.command_rate_hz {COMMAND_RATE_HZ:g}; openpi null server (latency injected per episode, "
-              f"no jitter); {args.rounds} interleaved rounds x {args.window:g} s per setting; "
-              f"run took {time.monotonic() - t0:.0f} s.\n\n{table}\n")
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows]))
-    if not args.no_plot:
-        plot(summary, args.out.with_suffix(".png"))
+    if "latency" in args.parts:
+        t0 = time.monotonic()
+        rows, load_before, load_after = run(args)
+        table, summary = summarise(rows, args.camera_hz)
+        report = (f"# Control under backend latency (bench/control.py)\n\nMachine: {machine()}\n\n"
+                  f"Load before: `{load_before}`  \nLoad after: `{load_after}`\n\n"
+                  f"Camera 224x224 at {args.camera_hz:g} Hz, policy.execute_rate_hz {EXECUTE_RATE_HZ:g}, "
+                  f"safety.command_rate_hz {COMMAND_RATE_HZ:g}; openpi null server (latency injected per episode, "
+                  f"no jitter); {args.rounds} interleaved rounds x {args.window:g} s per setting; "
+                  f"run took {time.monotonic() - t0:.0f} s.\n\n{table}\n")
+        print(report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        if args.json:
+            args.json.write_text(json.dumps(rows))
+        if not args.no_plot:
+            plot(summary, args.out.with_suffix(".png"))
+    if "demo" in args.parts:
+        t0, load_before = time.monotonic(), load()
+        table, rows = demo_rate(args.demo_cameras, args.demo_episodes, args.demo_timeout)
+        report = (f"# Closed-loop demo rate (bench/control.py --parts demo)\n\nMachine: {machine()}\n\n"
+                  f"Load before: `{load_before}`  \nLoad after: `{load()}`\n\n"
+                  f"rt2-demo (simulator with rendering, embedded policy, nodes over DDS, no recording), "
+                  f"scene seeds 0..{args.demo_episodes - 1}; run took {time.monotonic() - t0:.0f} s.\n\n{table}\n")
+        print(report)
+        out = args.out.with_name("demo_rate.md")
+        out.write_text(report)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return 0
 
 
