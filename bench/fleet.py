@@ -120,6 +120,7 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (fleet.num_replicas)")
     args = ap.parse_args()
     workers = 2 * max(args.robots)
+    load_before = os.getloadavg()  # the run is CPU-bound on a small machine: other load changes the figures
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         params, fleet_config = Path(tmp, "params.yaml"), Path(tmp, "fleet.yaml")
@@ -146,7 +147,8 @@ def main() -> int:
     lines = [f"Model-cost simulator t = {args.a_ms:g} ms + {args.b_ms:g} ms x batch; robots ask at up to "
              f"{RATE_HZ:g} Hz, {args.seconds:g} s per point, call timeout {CALL_TIMEOUT_S:g} s; Ray: max batch "
              f"{args.max_batch}, batch wait {args.batch_wait_ms:g} ms, {args.replicas} replica(s). "
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine()}; load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} "
+             f"before, {'/'.join(f'{x:.1f}' for x in os.getloadavg())} after.", "",
              "| server | robots | Hz per robot (mean / min) | actions/s total | p50 ms | p99 ms | failed calls |",
              "|---|---|---|---|---|---|---|"]
     for kind, kind_rows in rows.items():
