@@ -58,15 +58,19 @@ def rate(times: list[float], window_s: float) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else len(times) / window_s
 
 
-def window_metrics(twist_t: list[float], actions: list[tuple[float, float, int]], window_s: float,
+def window_metrics(twist_t: list[float], actions: list[tuple[float, float, int, float]], window_s: float,
                    execute_period_s: float) -> dict:
-    """Rates, ages and stall from one window: twist receipt times, (receipt time, camera stamp, seq) of actions."""
-    ages = [(t - stamp) * 1e3 for t, stamp, _ in actions]
-    times = sorted(t for t, _, _ in actions)
+    """Rates, ages and stall from one window: twist receipt times, (receipt time, camera stamp, seq, policy
+    node's publish stamp) of actions."""
+    ages = [(t - stamp) * 1e3 for t, stamp, _, _ in actions]
+    times = sorted(t for t, _, _, _ in actions)
+    # Release intervals by the policy node's own stamps (no DDS delivery jitter).
+    intervals = np.diff(sorted(pub for _, _, _, pub in actions)) * 1e3
     gaps = np.diff(times) if len(times) > 1 else np.array([window_s])
     stall = float(np.clip(gaps - 1.5 * execute_period_s, 0.0, None).sum()) if len(times) > 1 else window_s
     return {"twist_hz": rate(twist_t, window_s), "actions_hz": rate(times, window_s),
-            "fresh_hz": len({seq for _, _, seq in actions}) / window_s,
+            "fresh_hz": len({seq for _, _, seq, _ in actions}) / window_s,
+            "interval_ms": intervals.tolist(),
             "age_ms": ages, "stall_ms_per_s": stall * 1e3 / window_s,
             "max_twist_gap_ms": float(np.diff(sorted(twist_t)).max() * 1e3) if len(twist_t) > 1 else float("nan")}
 
@@ -143,7 +147,8 @@ def run(args) -> tuple[list[dict], str, str]:
                             t_b = time.monotonic()
                             twist_t = [t for t, _ in probe.messages["twist"] if t_a <= t < t_b]
                             acts = [(t + wall_minus_mono, m.observation_stamp.sec + m.observation_stamp.nanosec * 1e-9,
-                                     m.observation_seq) for t, m in probe.messages["action"] if t_a <= t < t_b]
+                                     m.observation_seq, m.header.stamp.sec + m.header.stamp.nanosec * 1e-9)
+                                    for t, m in probe.messages["action"] if t_a <= t < t_b]
                             m = window_metrics(twist_t, acts, t_b - t_a, 1.0 / EXECUTE_RATE_HZ)
                             rows.append({"horizon": horizon, "latency_ms": latency_ms, "pipelined": pipelined,
                                          "round": rnd, **m})
@@ -164,23 +169,27 @@ def run(args) -> tuple[list[dict], str, str]:
 def summarise(rows: list[dict], camera_hz: float) -> tuple[str, dict]:
     """Markdown table (p50 over rounds of the rates, percentiles over all actions' ages) and target checks."""
     head = ("| backend | latency ms | pipelined | twist Hz | min twist Hz | max twist gap ms | actions/s | "
-            "fresh replies/s | age p50 ms | age p95 ms | age p99 ms | stall ms/s |\n|" + "---|" * 12)
+            "fresh replies/s | release interval p50 ms | age p50 ms | age p95 ms | age p99 ms | stall ms/s |\n|"
+            + "---|" * 13)
     lines, summary = [head], {}
     keys = sorted({(r["horizon"], r["latency_ms"], r["pipelined"]) for r in rows})
     for h, lat, pipe in keys:
         rs = [r for r in rows if (r["horizon"], r["latency_ms"], r["pipelined"]) == (h, lat, pipe)]
         ages = [a for r in rs for a in r["age_ms"]]
+        intervals = [i for r in rs for i in r["interval_ms"]]
         s = {"twist_hz": float(np.median([r["twist_hz"] for r in rs])),
              "min_twist_hz": min(r["twist_hz"] for r in rs),
              "max_twist_gap_ms": max(r["max_twist_gap_ms"] for r in rs),
              "actions_hz": float(np.median([r["actions_hz"] for r in rs])),
              "fresh_hz": float(np.median([r["fresh_hz"] for r in rs])),
+             "interval_p50": pct(intervals, 50),
              "age_p50": pct(ages, 50), "age_p95": pct(ages, 95), "age_p99": pct(ages, 99),
              "stall_ms_per_s": float(np.median([r["stall_ms_per_s"] for r in rs])), "rounds": len(rs)}
         summary[(h, lat, pipe)] = s
         name = "one action/call (h1)" if h == 1 else f"chunked (h{h})"
         lines.append(f"| {name} | {lat} | {'yes' if pipe else 'no'} | {s['twist_hz']:.1f} | {s['min_twist_hz']:.1f} | "
                      f"{s['max_twist_gap_ms']:.0f} | {s['actions_hz']:.1f} | {s['fresh_hz']:.2f} | "
+                     f"{s['interval_p50']:.1f} | "
                      f"{s['age_p50']:.0f} | {s['age_p95']:.0f} | {s['age_p99']:.0f} | {s['stall_ms_per_s']:.0f} |")
     checks = []
     period_ms = 1000.0 / camera_hz
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--latencies", type=int, nargs="+", default=[0, 100, 300, 1000], help="injected backend ms")
     ap.add_argument("--horizons", type=int, nargs="+", default=[1, 10], help="actions per reply")
-    ap.add_argument("--window", type=float, default=3.0, help="measured seconds per setting and round")
+    ap.add_argument("--window", type=float, default=2.5, help="measured seconds per setting and round")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds after an episode starts before measuring")
     ap.add_argument("--camera-hz", type=float, default=20.0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "control.md")

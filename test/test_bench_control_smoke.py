@@ -33,8 +33,8 @@ def test_control_bench_writes_a_table(tmp_path: Path) -> None:
     assert [r.split("|")[3].strip() for r in rows] == ["no", "yes"], rows  # both pipelining settings
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert len(cells) == 12, cells
+        assert len(cells) == 13, cells
         twist_hz, actions_hz = float(cells[3]), float(cells[6])
-        age_p50, age_p95, age_p99 = (float(c) for c in cells[8:11])
+        age_p50, age_p95, age_p99 = (float(c) for c in cells[9:12])
         assert twist_hz > 10.0 and actions_hz > 1.0, cells  # the stream ran and actions were released
         assert 0 < age_p50 <= age_p95 <= age_p99, cells
