@@ -8,6 +8,7 @@ bench/results/fleet.png.
 
     .venv/bin/python bench/fleet.py                      # a = 50 ms, b = 5 ms, N = 1..32
     .venv/bin/python bench/fleet.py --robots 1 4 16 --seconds 5 --servers ray
+    .venv/bin/python bench/fleet.py --model local --robots 1 4 16 --seconds 5   # tiny LLaVA, fleet_local.*
 
 Both servers run with --workers and --max-calls-per-client above the robot count (all robots share
 127.0.0.1 here), so neither refuses calls by configuration.
@@ -63,8 +64,9 @@ def robot(target: str, seconds: float, start_at: float, seed: int, out: mp.Queue
     out.put((latencies, failures))
 
 
-def start_server(kind: str, params: Path, fleet_config: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    common = ["--backend", "simulated_model", "--params", str(params), "--port", "0", "--workers", str(workers),
+def start_server(kind: str, backend: str, params: Path, fleet_config: Path,
+                 workers: int) -> tuple[subprocess.Popen, str]:
+    common = ["--backend", backend, "--params", str(params), "--port", "0", "--workers", str(workers),
               "--max-calls-per-client", str(workers), "--log-level", "WARNING"]
     module = ["-m", "rt2_ros.serve"] if kind == "lock" else \
         ["-m", "rt2_ros.fleet", "--fleet-config", str(fleet_config)]
@@ -118,21 +120,36 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (fleet.num_replicas)")
+    ap.add_argument("--model", choices=["simulated", "local"], default="simulated",
+                    help="simulated: simulated_model (a + b x batch); local: the local backend on a tiny random-weight "
+                         "LLaVA built here like the tests' (test/tiny_models.py), real batched constrained generate; "
+                         "results go to bench/results/fleet_local.*")
     args = ap.parse_args()
     workers = 2 * max(args.robots)
     load_before = os.getloadavg()  # the run is CPU-bound on a small machine: other load changes the figures
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         params, fleet_config = Path(tmp, "params.yaml"), Path(tmp, "fleet.yaml")
-        params.write_text("server:\n  ros__parameters:\n    backend:\n      type: simulated_model\n"
-                          f"      simulated_model: {{base_s: {args.a_ms / 1000}, per_item_s: {args.b_ms / 1000}}}\n"
-                          "    tokenizer: {profile: rt2}\n")
+        if args.model == "local":
+            sys.path.insert(0, str(ROOT))
+            from test.tiny_models import build_tiny_llava
+
+            model_dir = build_tiny_llava(Path(tmp, "tiny_llava"))
+            backend = "local"
+            params.write_text("server:\n  ros__parameters:\n    backend:\n      type: local\n"
+                              f"      local: {{model_path: '{model_dir}', device: cpu}}\n"
+                              "    tokenizer: {profile: rt2}\n")
+        else:
+            backend = "simulated_model"
+            params.write_text("server:\n  ros__parameters:\n    backend:\n      type: simulated_model\n"
+                              f"      simulated_model: {{base_s: {args.a_ms / 1000}, per_item_s: {args.b_ms / 1000}}}\n"
+                              "    tokenizer: {profile: rt2}\n")
         fleet_config.write_text(f"fleet:\n  max_batch_size: {args.max_batch}\n"
                                 f"  batch_wait_timeout_s: {args.batch_wait_ms / 1000}\n"
                                 f"  num_replicas: {args.replicas}\n"
                                 f"  replica: {{num_cpus: {1.0 / args.replicas:g}}}\n")
         for kind in args.servers:
-            proc, target = start_server(kind, params, fleet_config, workers)
+            proc, target = start_server(kind, backend, params, fleet_config, workers)
             try:
                 for n in args.robots:
                     row = run(target, n, args.seconds)
@@ -144,7 +161,10 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(30)
     names = {"lock": "rt2-serve (lock)", "ray": "rt2-fleet-serve (Ray Serve)"}
-    lines = [f"Model-cost simulator t = {args.a_ms:g} ms + {args.b_ms:g} ms x batch; robots ask at up to "
+    model = (f"Model-cost simulator t = {args.a_ms:g} ms + {args.b_ms:g} ms x batch" if args.model == "simulated"
+             else "Tiny random-weight LLaVA (test/tiny_models.py), local backend on CPU, batched constrained generate")
+    stem = "fleet" if args.model == "simulated" else "fleet_local"
+    lines = [f"{model}; robots ask at up to "
              f"{RATE_HZ:g} Hz, {args.seconds:g} s per point, call timeout {CALL_TIMEOUT_S:g} s; Ray: max batch "
              f"{args.max_batch}, batch wait {args.batch_wait_ms:g} ms, {args.replicas} replica(s). "
              f"Machine: {machine()}; load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} "
@@ -158,7 +178,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fleet.md").write_text("# bench/fleet.py\n\n" + table + "\n")
+    (RESULTS / f"{stem}.md").write_text("# bench/fleet.py\n\n" + table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,9 +196,10 @@ def main() -> int:
         ax.grid(True, alpha=0.3)
     ax2.set_yscale("log")
     ax1.legend()
-    fig.suptitle(f"a = {args.a_ms:g} ms, b = {args.b_ms:g} ms per item; {os.cpu_count()} CPUs")
+    fig.suptitle((f"a = {args.a_ms:g} ms, b = {args.b_ms:g} ms per item" if args.model == "simulated" else
+                  "tiny local LLaVA") + f"; {os.cpu_count()} CPUs")
     fig.tight_layout()
-    fig.savefig(RESULTS / "fleet.png", dpi=100)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=100)
     return 0
 
 
