@@ -459,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rclpy.parameter import Parameter
 
-    from rt2_ros.nodes.common import run_nodes
+    from rt2_ros.nodes.common import run_nodes, use_async_publication
+
+    if not args.no_safety:
+        use_async_publication()  # the safety node's command stream must never stall (see common.py)
 
     ros_args = ["--ros-args"]
     for path in params_paths:

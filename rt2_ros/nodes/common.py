@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import signal
 import sys
 import threading
@@ -312,6 +313,21 @@ def reject_unknown_overrides(node: Node, allow_prefixes: tuple[str, ...] = ()) -
                      and not k.startswith(allow_prefixes))
     if unknown:
         raise ConfigError(f"unknown parameter(s) for node {node.get_name()}: {', '.join(unknown)}")
+
+
+# Fast DDS (rmw_fastrtps_cpp) publishes synchronously by default: publish() sends to every matched
+# reader in the caller's thread and can block there. Measured on the safety node while a reader's
+# process had just started and was then SIGSTOPped: publish() of the 30 Hz command timer blocked
+# 1.0-1.3 s (0.3 s with the UDP transport only) using ~1 ms CPU and < 1 ms run-queue wait, i.e.
+# waiting inside Fast DDS, not starved (1 s is the shared-memory port health-check timeout).
+# Asynchronous mode only queues the sample and a Fast DDS thread sends it: no publish() block was
+# seen then. Read when the participant is created, so set before rclpy.init; the user's value wins.
+PUBLICATION_MODE_ENV = "RMW_FASTRTPS_PUBLICATION_MODE"
+
+
+def use_async_publication() -> None:
+    """Make this process's Fast DDS publishers asynchronous (a node whose timer must never stall)."""
+    os.environ.setdefault(PUBLICATION_MODE_ENV, "ASYNCHRONOUS")
 
 
 def run_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ from rt2_ros.nodes.common import (
     reject_unknown_overrides,
     run_node,
     stamp_to_sec,
+    use_async_publication,
     uuid_msg,
 )
 from rt2_ros.params import ParamSpec
@@ -569,6 +570,7 @@ class SafetyNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> int:
+    use_async_publication()  # the command stream must not stop while a controller is stopped or restarts
     return run_node(SafetyNode, args)
 
 
