@@ -461,7 +461,12 @@ class PolicyNode(LifecycleNode):
             self.get_logger().warning(f"dropping {camera} frame: {exc}", throttle_duration_sec=5.0)
             return
         stamp, age = self._stamp(msg.header, f"camera {camera}")
-        self.core.on_frame(image, stamp, time.monotonic(), age_s=age, camera=camera)
+        now = time.monotonic()
+        self.core.on_frame(image, stamp, now, age_s=age, camera=camera)
+        # Out at once if a request is due, not at the next service poll (up to 20 ms later; the poll
+        # still sends frames that arrived while a call was in flight). Any camera's frame: the one a
+        # request waited for may be the second view.
+        self._send_next_request(now)
 
     def _stamp(self, header, topic: str) -> tuple[float, float]:
         """(stamp, age on arrival) of a sensor message; an unstamped one counts as taken on arrival."""
@@ -528,7 +533,12 @@ class PolicyNode(LifecycleNode):
         for seq in core.abandon_overdue(now):
             self.get_logger().warning(f"request {seq} abandoned: no reply within {self.config.backend_timeout_s} s")
         self._on_reply_ready()
-        if not self._backend_ready(now):
+        self._send_next_request(now)
+
+    def _send_next_request(self, now: float) -> None:
+        """Send the next observation to the backend if one is due (the core paces and picks the frame)."""
+        core = self.core
+        if core is None or not self._backend_ready(now):
             return
         request = core.next_request(now)
         if request is not None:
@@ -550,16 +560,17 @@ class PolicyNode(LifecycleNode):
         core = self.core
         if core is None:
             return
-        handled = False
+        outcomes = []
         while True:
             try:
                 seq, reply, error, done_at = self._results.get_nowait()
             except queue.Empty:
                 break
-            self._handle_outcome(core.on_reply(seq, reply, error, done_at))
-            handled = True
-        if handled:
-            self._execute_step()
+            outcomes.append(core.on_reply(seq, reply, error, done_at))
+        if outcomes:
+            self._execute_step()  # the action first: the tokens and plan topics are for people and tools
+            for outcome in outcomes:
+                self._handle_outcome(outcome)
 
     def _backend_ready(self, now: float) -> bool:
         """The backend's reset for this episode finished (or failed, or overran its deadline)."""
