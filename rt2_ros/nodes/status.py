@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -47,8 +48,14 @@ def _domain() -> str:
     return os.environ.get("ROS_DOMAIN_ID") or "0"
 
 
+_stop = threading.Event()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    # A flag, not an exception: KeyboardInterrupt raised inside spin_once (between the wait and the
+    # callbacks) left rclpy's wait set mid-use, and destroying the node then crashed Fast DDS
+    # (SIGSEGV, "You need to create a Writer with this History", seen once in make test).
+    _stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.monotonic()
         next_print = start + (args.wait if args.once else args.period)
-        while True:
+        while not _stop.is_set():  # set by SIGINT / SIGTERM: seen within one 50 ms spin
             rclpy.spin_once(node, timeout_sec=0.05)
             if args.once and "status" in latest and time.monotonic() - start > 0.5:
                 next_print = 0.0  # status is in; the extra 0.5 s lets the other topics arrive too
@@ -106,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     return 0
                 next_print += args.period
-    except KeyboardInterrupt:
         return 0
     finally:
         node.destroy_node()
