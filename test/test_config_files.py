@@ -18,10 +18,12 @@ from rt2_ros.nodes.bringup import check_params
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 OVERLAYS = sorted((CONFIG / "backends").glob("*.yaml"))
+# Overlays named for a ready setup rather than a backend, and the backend each one uses.
+SETUPS = {"learned": "local"}  # the repo-trained checkpoint (models/rt2-tiny) through the local backend
 
 
 def test_every_backend_has_an_example():
-    assert {p.stem for p in OVERLAYS} == set(BACKENDS)
+    assert {p.stem for p in OVERLAYS} == set(BACKENDS) | set(SETUPS)
 
 
 @pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=lambda p: "rt2.yaml" if p is None else p.name)
@@ -30,6 +32,7 @@ def test_params_file_validates(overlay):
     checked = check_params(paths)
     # Switching backends is one key: everything else in the file validates for any backend.
     assert set(checked.nodes) == {"rt2_policy", "rt2_safety", "rt2_sim"}
-    assert checked.nodes["rt2_policy"]["backend.type"] == (overlay.stem if overlay else "embedded")
+    assert checked.nodes["rt2_policy"]["backend.type"] == (SETUPS.get(overlay.stem, overlay.stem) if overlay
+                                                           else "embedded")
     # Only a robot's model files may be missing here (the local example points at /opt/models/...).
     assert all("not on this machine" in n for n in checked.notes), checked.notes
