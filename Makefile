@@ -50,7 +50,7 @@ $(STAMPS)/fleet-extra: requirements-fleet.txt $(STAMPS)/local-extra
 	@touch $@
 
 lint: $(STAMPS)/requirements
-	$(VENV)/bin/ruff check rt2_ros test tools launch
+	$(VENV)/bin/ruff check rt2_ros test tools launch bench
 
 demo: setup
 	$(VENV)/bin/rt2-demo
@@ -81,12 +81,13 @@ demo-learned: setup-test
 # fleet serving; each prints Markdown tables and writes them with the machine to bench/results/ (< 10 min).
 bench: setup-test
 	$(PY) bench/transport.py
+	$(PY) bench/overhead.py
 	$(PY) bench/control.py
 	$(PY) bench/fleet.py
 	@echo "== make bench: targets (bench/results/*.md)"
-	@grep -HE '\*\*(met|not met)\*\*' bench/results/transport.md bench/results/fleet.md 2>/dev/null || true
+	@grep -HE '\*\*(met|not met)\*\*' bench/results/transport.md bench/results/overhead.md bench/results/fleet.md 2>/dev/null || true
 	@grep -HE '^\| h[0-9]+ ' bench/results/control.md || true
-	@ls -1 bench/results/transport.* bench/results/control.* bench/results/demo_rate.* bench/results/fleet.*
+	@ls -1 bench/results/transport.* bench/results/overhead.* bench/results/control.* bench/results/demo_rate.* bench/results/fleet.*
 
 clean:
 	rm -rf build $(STAMPS) *.egg-info rt2_ros/backends/proto/*_pb2*.py

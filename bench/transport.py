@@ -133,17 +133,21 @@ def wait_ready(name: str, proc: subprocess.Popen, ready: re.Pattern, workdir: Pa
     raise RuntimeError(f"{name} did not start: {(workdir / f'{name}.stderr').read_text()[-2000:]}")
 
 
-def start_servers(workdir: Path) -> dict[str, Server]:
-    """The four null servers, started at once (their imports overlap) and each waited for."""
+def start_servers(workdir: Path, served_answers: str = GRPC_PARAMS, openpi_args: tuple[str, ...] = ()
+                  ) -> dict[str, Server]:
+    """The four null servers, started at once (their imports overlap) and each waited for; rt2-serve
+    hosts the ``scripted`` backend of the params file text ``served_answers``, the openpi server
+    takes ``openpi_args`` (e.g. its chunk size)."""
     py = sys.executable
     ready = re.compile(r"^READY (\d+)")
     params = workdir / "grpc_null.yaml"
-    params.write_text(GRPC_PARAMS)
+    params.write_text(served_answers)
     commands = {
         "grpc": ([py, "-m", "rt2_ros.serve", "--backend", "scripted", "--params", str(params), "--port", "0",
                   "--log-level", "WARNING", "--summary-interval-s", "3600"],
                  re.compile(r"serving .* on 127\.0\.0\.1:(\d+)")),
-        "openpi": ([py, str(SERVERS / "openpi_policy_server.py"), "--log", str(workdir / "openpi.jsonl")], ready),
+        "openpi": ([py, str(SERVERS / "openpi_policy_server.py"), "--log", str(workdir / "openpi.jsonl"),
+                    *openpi_args], ready),
         "openvla": ([py, str(SERVERS / "openvla_deploy_server.py"), "--log", str(workdir / "openvla.jsonl")], ready),
         "openai": ([py, str(ROOT / "bench" / "null_servers.py"), "openai"], ready),
     }
