@@ -566,11 +566,11 @@ class PolicyNode(LifecycleNode):
                 seq, reply, error, done_at = self._results.get_nowait()
             except queue.Empty:
                 break
-            outcomes.append(core.on_reply(seq, reply, error, done_at))
+            outcomes.append((self.get_clock().now().to_msg(), core.on_reply(seq, reply, error, done_at)))
         if outcomes:
             self._execute_step()  # the action first: the tokens and plan topics are for people and tools
-            for outcome in outcomes:
-                self._handle_outcome(outcome)
+            for arrived, outcome in outcomes:
+                self._handle_outcome(outcome, arrived)
 
     def _backend_ready(self, now: float) -> bool:
         """The backend's reset for this episode finished (or failed, or overran its deadline)."""
@@ -592,10 +592,10 @@ class PolicyNode(LifecycleNode):
             return True
         return False
 
-    def _handle_outcome(self, outcome: ReplyOutcome) -> None:
+    def _handle_outcome(self, outcome: ReplyOutcome, arrived) -> None:
         self._last_outcome = outcome
         msg = ActionTokens()
-        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.stamp = arrived  # when the reply was taken in, not when this diagnostic went out
         msg.observation_seq = max(0, outcome.seq)
         if outcome.bins is not None:
             msg.tokens = [int(b) for b in outcome.bins]
