@@ -265,6 +265,24 @@ class ConfiguredEntities:
     def has_timer(self, name: str) -> bool:
         return name in self._timers
 
+    def one_shot(self, name: str, callback: Callable[[], Any]) -> None:
+        """Create the idle timer ``name``: it fires ``callback`` once per :meth:`arm`."""
+        def fire() -> None:
+            self._timers[name].cancel()
+            callback()
+
+        old = self._timers.pop(name, None)
+        if old is not None:
+            self._node.destroy_timer(old)
+        self._timers[name] = self._node.create_timer(1.0, fire, autostart=False)
+
+    def arm(self, name: str, delay_s: float) -> None:
+        """Fire the one-shot timer ``name`` once, ``delay_s`` from now (re-arming moves it)."""
+        timer = self._timers.get(name)
+        if timer is not None:
+            timer.timer_period_ns = max(1, int(delay_s * 1e9))
+            timer.reset()
+
     def reset_timer(self, name: str) -> None:
         """Restart the countdown of timer ``name`` from now (no-op if there is none)."""
         timer = self._timers.get(name)
