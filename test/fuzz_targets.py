@@ -386,8 +386,9 @@ def _mcap_seeds() -> list[bytes]:
     return [out.getvalue(), out.getvalue()[:60], real.read_bytes(), _uncompressed(real, keep_every_pose=10)]
 
 
-def _uncompressed(path: Path, keep_every_pose: int) -> bytes:
-    """The recording at ``path`` rewritten without compression or chunks, keeping every n-th /ee_pose."""
+def _uncompressed(path: Path, keep_every_pose: int, last_jump_ns: int = 0) -> bytes:
+    """The recording at ``path`` rewritten without compression or chunks, keeping every n-th /ee_pose (and
+    its last message logged ``last_jump_ns`` later)."""
     import io
 
     from mcap.reader import make_reader
@@ -409,8 +410,9 @@ def _uncompressed(path: Path, keep_every_pose: int) -> bytes:
                 if s.id not in schemas:
                     schemas[s.id] = w.register_schema(s.name, s.encoding, s.data)
                 channels[c.id] = w.register_channel(c.topic, c.message_encoding, schemas[s.id], c.metadata)
-        for c, m in messages:
-            w.add_message(channels[c.id], m.log_time, m.data, m.publish_time, m.sequence)
+        for k, (c, m) in enumerate(messages):
+            jump = last_jump_ns if k == len(messages) - 1 else 0
+            w.add_message(channels[c.id], m.log_time + jump, m.data, m.publish_time + jump, m.sequence)
         for record in reader.iter_metadata():
             w.add_metadata(record.name, record.metadata)
         w.finish()
