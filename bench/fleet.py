@@ -114,7 +114,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--robots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--servers", nargs="+", default=["lock", "ray"], choices=["lock", "ray"])
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured time per point")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
     ap.add_argument("--a-ms", type=float, default=50.0, help="forward pass fixed cost")
     ap.add_argument("--b-ms", type=float, default=5.0, help="forward pass cost per observation in the batch")
     ap.add_argument("--max-batch", type=int, default=32)

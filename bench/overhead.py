@@ -23,7 +23,7 @@ Reported per setting (every action that answers a frame, p50/p95/p99):
 Targets (issue 14): in-process p50 <= 2 ms, p99 <= 5 ms; a remote transport adds no more than its bare
 transport + 0.5 ms (p50). Writes bench/results/overhead.md.
 
-    .venv/bin/python bench/overhead.py                      # ~2 minutes
+    .venv/bin/python bench/overhead.py                      # ~1.5 minutes
     .venv/bin/python bench/overhead.py --settings in-process --window 3 --out /tmp/o.md   # smoke
 """
 
@@ -258,7 +258,7 @@ def table(rows: list[dict]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    ap.add_argument("--window", type=float, default=8.0, help="measured seconds per setting")
+    ap.add_argument("--window", type=float, default=6.0, help="measured seconds per setting")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds after the episode starts before measuring")
     ap.add_argument("--camera-hz", type=float, default=8.0, help="below the execute rate (10 Hz): no frame waits")
     ap.add_argument("--bare-calls", type=int, default=40, help="direct backend calls for the bare transport "
