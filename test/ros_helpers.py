@@ -102,13 +102,19 @@ class Probe:
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
         self._clients: dict = {}
+        # Held by the spin thread around each spin_once; entities that rclpy registers half-built take it
+        # (ActionClient.__init__ adds itself as a waitable before it has its _lock: a spin_once in between
+        # raised AttributeError and killed this thread, failing every later test of the module).
+        self.spin_lock = threading.Lock()
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._running = True
         self._thread.start()
 
     def _spin(self) -> None:
         while self._running:
-            self._executor.spin_once(timeout_sec=0.05)
+            with self.spin_lock:
+                self._executor.spin_once(timeout_sec=0.05)
+            time.sleep(0)  # let a thread waiting for spin_lock in
 
     def record(self, msg_type, topic: str, qos, key: str | None = None) -> str:
         key = key or topic
@@ -429,7 +435,8 @@ class GoalClient:
         self._probe = probe
         self.Goal = ExecuteInstruction.Goal
         self.Result = ExecuteInstruction.Result
-        self.client = ActionClient(probe.node, ExecuteInstruction, action)
+        with probe.spin_lock:  # never spun while half-built (see Probe.spin_lock)
+            self.client = ActionClient(probe.node, ExecuteInstruction, action)
         self.feedback: list = []
 
     def _on_feedback(self, msg) -> None:
@@ -457,4 +464,5 @@ class GoalClient:
         return wrapped.status, wrapped.result
 
     def destroy(self) -> None:
-        self.client.destroy()
+        with self._probe.spin_lock:
+            self.client.destroy()
