@@ -5,7 +5,8 @@ Real processes over real DDS (localhost only), as the demo runs them: ``rt2-brin
 safety node) using the ``openpi`` backend against the openpi null server of
 ``test/servers/openpi_policy_server.py`` (websocket + msgpack, openpi's wire format). The server
 answers each observation with a (horizon, 7) chunk after the delay the prompt names (``sleep:<s>``),
-so the backend latency is injected by the instruction and changes per episode without a restart.
+so the backend latency is injected by the instruction and changes per episode without a restart; each
+call's delay is drawn uniformly within ``--jitter`` (default +-10 %) of it.
 Two backends: one action per call (horizon 1, the RT-2 shape) and chunked (horizon 10). Each with
 and without pipelining: ``policy.refill_threshold`` 0 (the next request goes out when the queue is
 empty) or 1 / 5 (the next request goes out while the last action / half the chunk is still queued;
@@ -139,7 +140,7 @@ def run(args) -> tuple[list[dict], str, str]:
                             # Trailing zeros make each episode's instruction new without changing the delay.
                             episode += 1
                             probe.take_episode(lambda ms=latency_ms, k=episode: probe.instruction.publish(
-                                String(data=f"sleep:{ms / 1000:.3f}" + "0" * (k % 8))))
+                                String(data=f"sleep:{ms / 1000:.3f}~{args.jitter * ms / 1000:.4f}" + "0" * (k % 8))))
                             settle = args.settle + latency_ms / 1000.0
                             time.sleep(settle)
                             t_a = time.monotonic()
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=2.5, help="measured seconds per setting and round")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds after an episode starts before measuring")
     ap.add_argument("--camera-hz", type=float, default=20.0)
+    ap.add_argument("--jitter", type=float, default=0.1, help="per-call latency jitter: uniform +- this fraction")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "control.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-plot", action="store_true")
@@ -311,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         report = (f"# Control under backend latency (bench/control.py)\n\nMachine: {machine()}\n\n"
                   f"Load before: `{load_before}`  \nLoad after: `{load_after}`\n\n"
                   f"Camera 224x224 at {args.camera_hz:g} Hz, policy.execute_rate_hz {EXECUTE_RATE_HZ:g}, "
-                  f"safety.command_rate_hz {COMMAND_RATE_HZ:g}; openpi null server (latency injected per episode, "
-                  f"no jitter); {args.rounds} interleaved rounds x {args.window:g} s per setting; "
+                  f"safety.command_rate_hz {COMMAND_RATE_HZ:g}; openpi null server (latency set per episode, "
+                  f"each call uniform within +-{args.jitter:.0%} of it); "
+                  f"{args.rounds} interleaved rounds x {args.window:g} s per setting; "
                   f"run took {time.monotonic() - t0:.0f} s.\n\n{table}\n")
         print(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ image) must be uint8 SxSx3. Without these flags nothing is checked.
 Deterministic reply: row i of ``actions`` is ``(i + image mean / 255) * --action-scale`` in every
 column (the image under ``observation/image``, else the first image; scale 1 by default, 1/horizon
 keeps every row inside a [-1, 1] action range). Prompts "raise" (server exception),
-"sleep:<seconds>" (slow answer) and "garbage" (a non-msgpack binary frame) select failure modes.
+"sleep:<seconds>[~<jitter>]" (slow answer: uniform in seconds +- jitter, seeded) and "garbage" (a
+non-msgpack binary frame) select failure modes.
 Metadata carries a per-process ``boot_id`` so tests can tell a restarted server from the old one.
 Each observation is summarised as one JSON line in ``--log`` (before the checks): its keys, every
 image's shape, dtype and centre pixel, the state, the prompt, and what failed a check.
@@ -28,6 +29,7 @@ import asyncio
 import http
 import json
 import os
+import random
 import time
 import traceback
 import uuid
@@ -36,6 +38,8 @@ import numpy as np
 import websockets
 import websockets.asyncio.server as ws_server
 from openpi_client import msgpack_numpy
+
+_JITTER = random.Random(0)  # per-call latency jitter of sleep:<s>~<j> prompts, reproducible per run
 
 
 def describe(image: np.ndarray) -> dict:
@@ -105,7 +109,9 @@ def main() -> None:
                 if prompt == "raise":
                     raise ValueError("policy exploded on purpose")
                 if prompt.startswith("sleep:"):
-                    await asyncio.sleep(float(prompt.split(":", 1)[1]))
+                    delay, _, jitter = prompt.split(":", 1)[1].partition("~")
+                    spread = float(jitter) if jitter else 0.0
+                    await asyncio.sleep(max(0.0, float(delay) + _JITTER.uniform(-spread, spread)))
                 if prompt == "garbage":
                     await websocket.send(b"\xc1\xc1\xc1")
                     continue
