@@ -52,9 +52,9 @@ _stop = threading.Event()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    # A flag, not an exception: KeyboardInterrupt raised inside spin_once (between the wait and the
-    # callbacks) left rclpy's wait set mid-use, and destroying the node then crashed Fast DDS
-    # (SIGSEGV, "You need to create a Writer with this History", seen once in make test).
+    # A flag, not an exception: a KeyboardInterrupt raised inside spin_once can leave rclpy's wait
+    # set mid-use before the node is destroyed; once in make test rt2-status then died with SIGSEGV
+    # on SIGINT (Fast DDS: "You need to create a Writer with this History"), the likely cause.
     _stop.set()
 
 
