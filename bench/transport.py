@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import re
-import selectors
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from rt2_ros import imaging  # noqa: E402
 from rt2_ros.actions import Observation  # noqa: E402
 from rt2_ros.backends import create_backend  # noqa: E402
 from rt2_ros.tokens import ActionTokenizer  # noqa: E402
+from test.processes import terminate, wait_for_line  # noqa: E402
 
 SERVERS = ROOT / "test" / "servers"
 INSTRUCTION = "pick up the red block"
@@ -96,13 +96,7 @@ class Server:
     port: int
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)
 
 
 def spawn(name: str, argv: list[str], workdir: Path) -> subprocess.Popen:
@@ -114,23 +108,8 @@ def spawn(name: str, argv: list[str], workdir: Path) -> subprocess.Popen:
 def wait_ready(name: str, proc: subprocess.Popen, ready: re.Pattern, workdir: Path, timeout_s: float = 60.0
                ) -> Server:
     """Wait (bounded) for a stdout line of ``proc`` matching ``ready`` (group 1 = the port)."""
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(timeout=remaining):
-                continue
-            line = proc.stdout.readline()
-            if match := ready.search(line):
-                return Server(name, proc, int(match.group(1)))
-            if not line:
-                break
-    finally:
-        selector.close()
-    proc.kill()
-    proc.wait(timeout=5)
-    raise RuntimeError(f"{name} did not start: {(workdir / f'{name}.stderr').read_text()[-2000:]}")
+    match = wait_for_line(proc, ready, name, workdir / f"{name}.stderr", timeout_s)
+    return Server(name, proc, int(match.group(1)))
 
 
 def start_servers(workdir: Path, served_answers: str = GRPC_PARAMS, openpi_args: tuple[str, ...] = ()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from std_msgs.msg import String  # noqa: E402
 from rt2_ros.nodes.common import COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros.params import flatten  # noqa: E402
 from rt2_ros_interfaces.msg import SafetyStatus  # noqa: E402
+from test.processes import wait_for_line  # noqa: E402
 from test.ros_helpers import (  # noqa: E402
     PANDA_JOINTS,
     REPO,
@@ -157,23 +157,9 @@ def start_rt2_serve(workdir: Path, *args: str, timeout_s: float = 20.0) -> Serve
         stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(SERVERS)))})
     stderr.close()
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(timeout=remaining):
-                continue
-            line = proc.stdout.readline()
-            if m := re.search(r"rt2-serve: serving .* on [^ ]+:(\d+) ", line):
-                return ServerProcess(proc, int(m.group(1)), log)
-            if not line:
-                break
-    finally:
-        selector.close()
-    proc.kill()
-    proc.wait(timeout=5)
-    raise RuntimeError(f"rt2-serve did not start: {(workdir / 'rt2-serve.stderr').read_text()[-2000:]}")
+    match = wait_for_line(proc, re.compile(r"rt2-serve: serving .* on [^ ]+:(\d+) "), "rt2-serve",
+                          workdir / "rt2-serve.stderr", timeout_s)
+    return ServerProcess(proc, int(match.group(1)), log)
 
 
 def build_tiny_openvla(out: Path) -> Path:

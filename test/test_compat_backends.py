@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-import selectors
+import re
 import socket
 import subprocess
 import sys
@@ -36,11 +36,13 @@ from rt2_ros.backends.openai_compat import OpenAICompatBackend, unanchored
 from rt2_ros.backends.openpi import STATE_FORMATS, STATE_LAYOUTS, OpenPIBackend, _error_summary, state_vector
 from rt2_ros.backends.openvla_http import OpenVLAHttpBackend
 from rt2_ros.tokens import ActionTokenizer
+from test.processes import terminate, wait_for_line
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = Path(__file__).resolve().parent / "servers"
 SECRET = "s3cret-key-do-not-log-7f1c"  # never appears in messages or logs
 COMPAT = (OpenVLAHttpBackend, OpenPIBackend, OpenAICompatBackend)
+READY = re.compile(r"^READY (\d+)")  # the line every test server prints once it listens
 SQUARE = (240, 240)  # no padding bars when resized to 224x224, so the image mean survives resizing
 
 
@@ -64,13 +66,7 @@ class ServerProcess:
         return entries[-1]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)
 
 
 def start_server(script: str, workdir: Path, *args: str, port: int = 0, env: dict | None = None,
@@ -84,23 +80,8 @@ def start_server(script: str, workdir: Path, *args: str, port: int = 0, env: dic
         stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     stderr.close()
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(timeout=remaining):
-                continue
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return ServerProcess(proc, int(line.split()[1]), log)
-            if not line:  # EOF: the server died
-                break
-    finally:
-        selector.close()
-    proc.kill()
-    proc.wait(timeout=5)
-    raise RuntimeError(f"{script} did not start: {(workdir / f'{script}.stderr').read_text()[-2000:]}")
+    match = wait_for_line(proc, READY, script, workdir / f"{script}.stderr", timeout_s)
+    return ServerProcess(proc, int(match.group(1)), log)
 
 
 def closed_port() -> int:
