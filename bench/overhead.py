@@ -43,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.control import pct  # noqa: E402 - one percentile for every bench
 from bench.transport import load, machine, scene, start_servers  # noqa: E402
 
 # Alternating +x / -x answers: every action changes the twist, so "first changed twist" is defined.
@@ -73,19 +74,9 @@ TWIST_TOPIC = "/servo_node/delta_twist_cmds"
 CAMERAS = {"camera": "/camera/image", "wrist": "/wrist_camera/image"}  # as the shipped configs name them
 
 
-def stamp_s(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
-def pct(values, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
-def backend_params(setting: str, servers: dict) -> tuple[dict, dict]:
-    """(the shipped backend file's policy parameters, the overlay) for a setting."""
+def overlay_params(setting: str, servers: dict) -> dict:
+    """The params file laid over config/rt2.yaml and the shipped config/backends/<backend>.yaml."""
     name, options = SETTINGS[setting]
-    shipped = yaml.safe_load((REPO / "config" / "backends" / f"{name}.yaml").read_text())
-    policy = shipped["rt2_policy"]["ros__parameters"]
     # The null servers answer at once: the shipped timeouts stay; only the address (and the scripted
     # answers) change, plus a camera stream slower than the execute rate.
     overlay = {"rt2_policy": {"ros__parameters": {
@@ -93,21 +84,27 @@ def backend_params(setting: str, servers: dict) -> tuple[dict, dict]:
         "policy": {"max_frame_age_s": 0.5}}}}
     if name == "openpi":  # the shipped file names a TLS gateway and its key; the null server is plain loopback
         overlay["rt2_policy"]["ros__parameters"]["backend"]["openpi"]["api_key_env"] = ""
-    return policy, overlay
+    return overlay
 
 
-def bare_transport_ms(policy: dict, overlay: dict, calls: int, period_s: float) -> tuple[float, float]:
+def bare_transport_ms(files: list[Path], calls: int, period_s: float) -> tuple[float, float]:
     """p50 / p99 [ms] of the same backend called directly (no ROS) with the same 224x224 observation, one
     call per ``period_s`` as the node makes them: on this VM calls back to back are ~2 ms faster (grpc
     2.0 vs 4.0 ms, openpi 1.1 vs 2.9 ms), the cost of waking an idle CPU and server, which the node pays too."""
     from rt2_ros.actions import Observation
     from rt2_ros.backends import create_backend
+    from rt2_ros.nodes.bringup import merged_params
     from rt2_ros.tokens import ActionTokenizer
+    from test.ros_helpers import PANDA_JOINTS
 
-    params = _deep_merge(policy, overlay["rt2_policy"]["ros__parameters"])
-    backend_type = params["backend"]["type"]
-    tokenizer = ActionTokenizer.from_profile(params.get("tokenizer", {}).get("profile", "rt2"))
-    backend = create_backend(backend_type, dict(params["backend"].get(backend_type, {})), tokenizer)
+    # The policy node's parameters from the same files, layered as rcl does, and its backend as it builds it.
+    params = merged_params(files)[0]["rt2_policy"]
+    backend_type = params["backend.type"]
+    prefix = f"backend.{backend_type}."
+    tokenizer = ActionTokenizer.from_config({k: v for k, v in params.items() if k.startswith("tokenizer.")})
+    backend = create_backend(backend_type, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)},
+                             tokenizer)
+    joints = list(PANDA_JOINTS.values())  # what the bench's fake arm driver publishes
     image = scene(224, 224)
     times = []
     try:
@@ -118,10 +115,10 @@ def bare_transport_ms(policy: dict, overlay: dict, calls: int, period_s: float) 
             now = time.time()
             obs = Observation(image=image, instruction="pick up the red block", seq=seq + 1, stamp=now,
                               images={name: image for name in CAMERAS}, image_stamps={name: now for name in CAMERAS},
-                              # the state the fake arm driver publishes (bench process: PANDA_JOINTS, pose)
+                              # the state the fake arm driver publishes (Probe.publish_fake_sensors)
                               ee_position=np.array([0.45, 0.0, 0.3]), ee_orientation=np.array([1.0, 0.0, 0.0, 0.0]),
-                              gripper=0.5, gripper_positions=np.array([0.02, 0.02]),
-                              joint_positions=np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]))
+                              gripper=0.5, gripper_positions=np.array(joints[7:]),
+                              joint_positions=np.array(joints[:7]))
             t = time.perf_counter()
             backend.infer(obs, 2.0)
             if seq >= 5:  # warm-up: connections, first-call allocations
@@ -129,13 +126,6 @@ def bare_transport_ms(policy: dict, overlay: dict, calls: int, period_s: float) 
     finally:
         backend.close()
     return pct(times, 50), pct(times, 99)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class Cameras:
@@ -173,18 +163,17 @@ class Cameras:
 def measure(setting: str, servers: dict, probe, args, tmp: Path) -> dict:
     from std_msgs.msg import String
 
+    from rt2_ros.nodes.common import stamp_to_sec
     from test.ros_helpers import start_bringup, stop
 
-    policy, overlay = backend_params(setting, servers)
-    bare_p50, bare_p99 = bare_transport_ms(policy, overlay, args.bare_calls, 1.0 / args.camera_hz)
-    params = tmp / f"overlay_{setting.replace(' ', '_')}.yaml"
-    params.write_text(yaml.safe_dump(overlay))
-    name = SETTINGS[setting][0]
+    overlay = tmp / f"overlay_{setting.replace(' ', '_')}.yaml"
+    overlay.write_text(yaml.safe_dump(overlay_params(setting, servers)))
+    files = [REPO / "config" / "rt2.yaml", REPO / "config" / "backends" / f"{SETTINGS[setting][0]}.yaml", overlay]
+    bare_p50, bare_p99 = bare_transport_ms(files, args.bare_calls, 1.0 / args.camera_hz)
     log = tmp / f"bringup_{setting.replace(' ', '_')}.log"
     baselines = probe.match_baselines("both", camera_topics=[CAMERAS["camera"]])
     t0 = time.monotonic()
-    proc = start_bringup(REPO / "config" / "rt2.yaml", "--params", str(REPO / "config" / "backends" / f"{name}.yaml"),
-                         "--params", str(params), log=log)
+    proc = start_bringup(files[0], *(a for f in files[1:] for a in ("--params", str(f))), log=log)
     try:
         probe.wait_started(proc, "both", baselines, t0, log, timeout=40.0)
         probe.take_episode(lambda: probe.instruction.publish(String(data=f"pick up the red block ({setting})")))
@@ -198,14 +187,14 @@ def measure(setting: str, servers: dict, probe, args, tmp: Path) -> dict:
         print(f"rt2-bringup exited with {code}; log {log}", file=sys.stderr)
     actions = [m for t, m in probe.messages["action"] if t_a <= t < t_b]
     tokens = {m.observation_seq: m for t, m in probe.messages["tokens"] if t_a - 1.0 <= t < t_b}
-    twists = sorted((stamp_s(m.header.stamp), (m.twist.linear.x, m.twist.linear.y, m.twist.linear.z))
+    twists = sorted((stamp_to_sec(m.header.stamp), (m.twist.linear.x, m.twist.linear.y, m.twist.linear.z))
                     for t, m in probe.messages["twist"] if t_a <= t < t_b)
     seen, total, net, call = set(), [], [], []
     for m in actions:
         if m.observation_seq in seen:
             continue  # only the first release of each answer is a frame's answer (chunks queue the rest)
         seen.add(m.observation_seq)
-        ms = (stamp_s(m.header.stamp) - stamp_s(m.observation_stamp)) * 1e3
+        ms = (stamp_to_sec(m.header.stamp) - stamp_to_sec(m.observation_stamp)) * 1e3
         total.append(ms)
         tok = tokens.get(m.observation_seq)
         if tok is not None:
@@ -216,7 +205,7 @@ def measure(setting: str, servers: dict, probe, args, tmp: Path) -> dict:
     # and only where the answers alternate (scripted, in-process or served): a constant answer never changes it.
     late = [] if setting not in ALTERNATING else probe.messages["action"]
     for m in (m for t, m in late if t_a <= t < t_b - 0.2):
-        t_act = stamp_s(m.header.stamp)
+        t_act = stamp_to_sec(m.header.stamp)
         for i in range(1, len(twists)):
             if twists[i][0] >= t_act and twists[i][1] != twists[i - 1][1]:
                 to_twist.append((twists[i][0] - t_act) * 1e3)
