@@ -61,14 +61,16 @@ test: setup-test lint
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; exit 1; fi; exit $$rc
 
 # The RT-2 recipe (README "A learned policy, trained here"): demonstrations -> LeRobot dataset -> rt2-train.
-# Demonstrations: the reference policy in randomised scenes (seeds 0..249), half of them perturbed.
+# Demonstrations: the reference policy in randomised scenes (seeds 0..399), half of them perturbed, 128 px.
 data/rt2-sim: | setup
-	$(VENV)/bin/rt2-collect --out data/rt2-sim --episodes 250 --seed 0 --processes 1
+	$(VENV)/bin/rt2-collect --out data/rt2-sim --episodes 400 --seed 0 --processes 2 --image-size 128
 collect: data/rt2-sim
 
-# Reproduces the shipped checkpoint models/rt2-tiny from the data and seed 0 (one torch thread, ~32 min here).
+# Reproduces the shipped checkpoint models/rt2-tiny from the data and seed 0 (one torch thread, ~77 min here):
+# 128 px images in 32 px patches, 16 image tokens per camera.
 train-learned: setup-test data/rt2-sim
-	$(VENV)/bin/rt2-train --data data/rt2-sim --out models/rt2-tiny --epochs 16 --val-fraction 0.05 --seed 0
+	$(VENV)/bin/rt2-train --data data/rt2-sim --out models/rt2-tiny --image-size 128 --patch-size 32 --epochs 20 \
+		--val-fraction 0.05 --seed 0
 
 # Held-out closed-loop success (ROS-free on 50 seeds, 5 of them through the nodes) next to the reference, GIFs.
 eval-learned: setup-test

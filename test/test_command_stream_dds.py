@@ -10,9 +10,12 @@ like rt2-safety) the stamp of every twist as its publish() returns: the gap betw
 
 With Fast DDS's default synchronous publication, publish() in the command timer blocked for 1.0-1.3 s
 (~1 ms CPU and < 1 ms run-queue wait: not CPU starvation) when the controller was stopped just after
-it matched; rt2_ros.nodes.common.use_async_publication is the fix. The stall depends on the stop
-falling into a short window, so before the fix this test caught it in some runs, not all (hence the
-several stop delays). The probe's gaps are printed, not asserted: delivery to other readers may still
+it matched; rt2_ros.nodes.common.use_async_publication made it rarer but did not remove it: a Fast DDS
+thread still waits ~1 s in the shared-memory transport for the stopped process's port, and the depth-1
+writer then blocks or refuses publish() (measured under load: 14 failures in ~90 runs of 3-5 parallel
+copies; README "The command stream under a stuck reader", open work). The stall depends on the stop
+falling into a short window, so this test catches it in some runs, not all (hence the several stop
+delays). The probe's gaps are printed, not asserted: delivery to other readers may still
 pause while Fast DDS's sending thread waits (measured up to 1 s with a stopped controller).
 """
 

@@ -123,6 +123,16 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
+def checkpoint_image_size(model: Path) -> int:
+    """The square image size (px) the checkpoint's processor feeds the model: what its cameras must render."""
+    config = Path(model) / "processor_config.json"
+    try:
+        crop = json.loads(config.read_text())["image_processor"]["crop_size"]
+        return int(crop["height"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"{config}: no image size in it ({exc})") from None
+
+
 def learned_backend(model: Path, params_file: Path | None = None):
     """The checkpoint as the policy node would run it: LocalHFBackend with the options of the learned params
     file (cameras, constrained decoding) and its tokenizer profile; ``model`` overrides model_path."""
@@ -222,7 +232,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="of those seeds, how many also run through the nodes (rt2-demo; default 0)")
     p.add_argument("--first-seed", type=int, default=FIRST_EVAL_SEED,
                    help=f"first held-out seed (default {FIRST_EVAL_SEED}; collection seeds start at 0)")
-    p.add_argument("--image-size", type=int, default=64, help="camera size in fast mode, as collected (px)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="camera size in fast mode (px; default: the checkpoint's, as it was trained)")
     p.add_argument("--max-steps", type=int, default=0, help="step limit of a fast-mode episode (0 = rt2-collect's)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference policy")
     p.add_argument("--out", default="bench/results/learned_eval", help="folder for the report and GIFs")
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rt2-eval: warning: --first-seed {args.first_seed} is below {FIRST_EVAL_SEED}: these seeds may "
                   f"be collection seeds (not held out)", file=sys.stderr)
         model = check_model_dir(Path(args.model) if args.model else shipped_model_dir())
+        args.image_size = args.image_size or checkpoint_image_size(model)
         return _evaluate(args, model)
     except EvalError as exc:
         print(f"rt2-eval: {exc}", file=sys.stderr)

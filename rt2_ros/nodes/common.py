@@ -344,7 +344,11 @@ PUBLICATION_MODE_ENV = "RMW_FASTRTPS_PUBLICATION_MODE"
 
 
 def use_async_publication() -> None:
-    """Make this process's Fast DDS publishers asynchronous (a node whose timer must never stall)."""
+    """Make this process's Fast DDS publishers asynchronous (a node whose timer must never stall).
+
+    It shortens, but does not remove, the stall behind a stopped reader on this machine: a Fast DDS
+    thread can still wait ~1 s in the shared-memory transport, and the depth-1 writer then blocks or
+    refuses publish() (README "The command stream under a stuck reader": open work)."""
     os.environ.setdefault(PUBLICATION_MODE_ENV, "ASYNCHRONOUS")
 
 
