@@ -491,6 +491,7 @@ def _run_episode(args, params_paths: list[Path], node_params: dict, run_dir: Pat
         return 0 if success else 1
     finally:
         executor.shutdown(timeout_sec=2.0)
+        spin_thread.join(5.0)  # out of rclpy's wait before the node and context go (tools/soak.py: an abort at exit)
         monitor.destroy_node()
         rclpy.try_shutdown()
 

@@ -39,8 +39,10 @@ class Cli:
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, text=True,
                                      env=dict(env or os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
-            threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self, name: str, stream) -> None:
         for line in stream:
@@ -70,7 +72,8 @@ class Cli:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise AssertionError(f"still running {timeout} s after {signal.Signals(sig).name}:\n{self.text}") from None
-        time.sleep(0.1)  # the reader threads drain the pipes
+        for reader in self.readers:  # the pipes' last lines (a fixed sleep missed them under load)
+            reader.join(5.0)
         return code
 
     @property

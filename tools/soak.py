@@ -407,6 +407,9 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
         stop.set()
         stack.stop_all()
         executor.shutdown()
+        # The spin thread must have left rclpy's wait before the node and context go: destroying them under
+        # it aborted this process at exit once ("terminate called without an active exception").
+        spinner.join(5.0)
         node.destroy_node()
         rclpy.try_shutdown()
     report.seconds = round(time.monotonic() - t_begin)
