@@ -94,8 +94,9 @@ class Report:
     sim_restarts: int = 0
     violations: int = 0
     worst_outside_m: float = 0.0
-    # the first and last violating samples: (soak time s, x, y, z), to match them with faults and restarts
-    violation_span: list = field(default_factory=list)
+    # the first and the latest violating sample, (soak time s, x, y, z): to match with faults and restarts
+    first_violation: tuple | None = None
+    last_violation: tuple | None = None
     pose_samples: int = 0
     twist_count: int = 0
     max_twist_gap_s: float = 0.0  # between the safety node's stamps on consecutive twists (its publish clock)
@@ -127,8 +128,8 @@ class Report:
             f"| workspace violations (ground truth, tolerance {VIOLATION_TOLERANCE_M * 1000:.0f} mm) | "
             f"**{self.violations}** of {self.pose_samples} ee_pose samples; furthest outside the box "
             f"{self.worst_outside_m * 1000:.1f} mm"
-            + "".join(f"; {k} at {t:.1f} s, ({x:.3f}, {y:.3f}, {z:.3f}) m" for k, (t, x, y, z)
-                      in zip(("first", "last"), self.violation_span, strict=False)) + " |",
+            + "".join(f"; {k} at {v[0]:.1f} s, ({v[1]:.3f}, {v[2]:.3f}, {v[3]:.3f}) m"
+                      for k, v in (("first", self.first_violation), ("last", self.last_violation)) if v) + " |",
             f"| twists to the controller | {self.twist_count}, longest gap {self.max_twist_gap_s * 1000:.0f} ms "
             f"between the safety node's stamps ({self.max_twist_receive_gap_s * 1000:.0f} ms between arrivals here) |",
             f"| longest twist gap ended at | {self.max_twist_gap_at_s:.1f} s; faults began at "
@@ -247,8 +248,8 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
             report.worst_outside_m = max(report.worst_outside_m, d)
             if d > VIOLATION_TOLERANCE_M:
                 report.violations += 1
-                sample = [round(time.monotonic() - t_begin, 2), *p]
-                report.violation_span[min(1, len(report.violation_span)):] = [sample]
+                report.last_violation = (round(time.monotonic() - t_begin, 2), *p)
+                report.first_violation = report.first_violation or report.last_violation
 
     def on_twist(msg: TwistStamped) -> None:
         now = time.monotonic()
