@@ -125,6 +125,11 @@ SAFETY_PARAMS: tuple[ParamSpec, ...] = (
               "How far a measured position may lie outside the workspace or inside a keep-out box (sensor "
               "noise, tracking error) and still be treated as on the boundary; deeper -> no linear motion, "
               "and start_episode is refused", "m", low=0.0, high=0.05),
+    ParamSpec("safety.max_outside_workspace_m", "double", 0.03,
+              "How far the measured position may lie outside the workspace during an episode before the filter "
+              "latches a FAULT and holds (no command of the filter puts the arm there: a collision, a controller "
+              "that does not follow, another commander); cleared by clear_fault (the node's ~/reset) or a new "
+              "episode", "m", low=0.0, high=0.5),
     ParamSpec("safety.command_rate_hz", "double", 30.0,
               "Rate at which tick() is called and twists are published (e.g. MoveIt Servo's rate)", "Hz",
               low=1.0, high=1000.0),
@@ -182,6 +187,7 @@ class SafetyConfig:
     goal_tolerance_m: float
     goal_tolerance_rad: float
     boundary_tolerance_m: float
+    max_outside_workspace_m: float
     command_rate_hz: float
     lookahead_s: float
     max_action_age_s: float
@@ -239,6 +245,9 @@ class SafetyConfig:
             if all(box[i] <= lo[i] and box[i + 3] >= hi[i] for i in range(3)):
                 raise ConfigError(f"safety.keep_out_boxes: box {k} covers the whole workspace; the arm could "
                                   f"never move")
+        if self.max_outside_workspace_m < self.boundary_tolerance_m:
+            raise ConfigError(f"safety.max_outside_workspace_m: {self.max_outside_workspace_m} m must not be below "
+                              f"safety.boundary_tolerance_m = {self.boundary_tolerance_m} m")
         period = 1.0 / self.command_rate_hz
         if self.lookahead_s < period:
             raise ConfigError(f"safety.lookahead_s: {self.lookahead_s} s is shorter than one command period "
@@ -393,6 +402,11 @@ def _safe_point_in(p: np.ndarray, ws_lo: np.ndarray, ws_hi: np.ndarray, boxes: _
     if np.any(q < ws_lo) or np.any(q > ws_hi) or _inside_any(q, boxes):
         return None
     return q
+
+
+def _outside_box(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """How far ``p`` lies outside the box [lo, hi] along the worst axis (0 inside), m."""
+    return float(max(np.max(lo - p), np.max(p - hi), 0.0))
 
 
 def _fmt_point(p: np.ndarray) -> str:
@@ -917,6 +931,14 @@ class SafetyFilter:
         problem = self._take_measurement(measured_position, measured_orientation, now, pose_time)
         if problem:
             return self._hold_tick((problem,))
+        if measured_position is not None and self._episode in (SafetyState.RUNNING, SafetyState.HOLDING):
+            outside = _outside_box(self._p_est, self._ws_lo, self._ws_hi)
+            if outside > cfg.max_outside_workspace_m and not (self._fault is not None and self._fault[1]):
+                self.fault(f"arm_outside_workspace: the measured position {_fmt_point(self._p_est)} m is "
+                           f"{outside * 1000:.0f} mm outside the workspace (> safety.max_outside_workspace_m "
+                           f"{cfg.max_outside_workspace_m} m); bring the arm back, then reset or start a new "
+                           f"episode", latch=True)
+                return self._hold_tick(("fault:arm_outside_workspace",))  # only on the tick that latched it
 
         state = self.state
         if state != SafetyState.RUNNING:

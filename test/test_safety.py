@@ -488,6 +488,8 @@ def test_config_round_trips_and_defaults_are_valid() -> None:
     ({"safety.max_pose_age_s": 2.0}, "safety.max_pose_age_s"),
     ({"safety.max_action_age_s": 0.0}, "safety.max_action_age_s"),
     ({"safety.max_future_stamp_s": -0.1}, "safety.max_future_stamp_s"),
+    ({"safety.max_outside_workspace_m": 0.004, "safety.boundary_tolerance_m": 0.005},
+     "safety.max_outside_workspace_m"),
 ])
 def test_config_errors_name_the_key(values: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -850,6 +852,41 @@ def test_measured_outside_workspace_never_moves_further_out(axis: int, side: int
     cmd = f.tick(20 / 30, outside, IDENTITY)
     assert side * cmd.linear_velocity[axis] <= 0.0
     assert "limited:outside_workspace" in cmd.reasons
+
+
+def test_arm_measured_far_outside_the_workspace_latches_a_fault_until_cleared() -> None:
+    # No command of the filter puts the arm there (a collision, a controller that does not follow, a
+    # simulator whose IK swung the hand 0.7 m out): hold and say so, do not steer from there.
+    f, arm = running()
+    cfg = f.config
+    for i in range(1, 4):
+        act(f, ArmAction([0.01, 0.0, 0.0], [0, 0, 0], 0.0), i / 10)
+        assert f.state == SafetyState.RUNNING and not is_zero(arm.tick(i / 10))
+    far = np.array(cfg.workspace_max) + [cfg.max_outside_workspace_m + 0.01, 0.0, 0.0]
+    far[1:] = POSE[1:]
+    cmd = f.tick(0.4, far, IDENTITY)
+    assert is_zero(cmd) and f.state == SafetyState.FAULT
+    assert "arm_outside_workspace" in f.hold_reason and "40 mm outside" in f.hold_reason, f.hold_reason
+    assert f.counters["faults"] == 1
+    assert not act(f, ArmAction([-0.01, 0.0, 0.0], [0, 0, 0], 0.0), 0.45).accepted  # latched: actions ignored
+    assert is_zero(f.tick(0.5, far, IDENTITY)) and f.counters["faults"] == 1  # counted once
+    assert f.clear_fault() and f.state == SafetyState.HOLDING
+    f.tick(0.55, far, IDENTITY)  # still out there: latched again
+    assert f.state == SafetyState.FAULT
+    assert f.clear_fault()
+    arm.p = np.array(POSE)  # brought back by hand
+    f.tick(0.6, arm.p, IDENTITY)
+    assert act(f, ArmAction([0.01, 0.0, 0.0], [0, 0, 0], 0.0), 0.65).accepted
+    assert f.state == SafetyState.RUNNING and not is_zero(arm.tick(0.7))
+
+
+def test_arm_just_outside_the_workspace_is_limited_not_faulted() -> None:
+    f, arm = running()
+    act(f, ArmAction([0.01, 0.0, 0.0], [0, 0, 0], 0.0), 0.1)
+    near = np.array(POSE, dtype=np.float64)
+    near[2] = f.config.workspace_min[2] - 0.5 * f.config.max_outside_workspace_m
+    cmd = f.tick(0.15, near, IDENTITY)
+    assert f.state == SafetyState.RUNNING and "limited:outside_workspace" in cmd.reasons
 
 
 def test_workspace_clip_reason_names_axis_and_side() -> None:
@@ -1222,7 +1259,8 @@ ARM_AT = [0.7, 0.0, 0.3]
 EXCLUDE_ARM = [
     ({"workspace_max": [0.6, 0.35, 0.55]}, "safety.workspace_max",
      "the arm's position (0.70, 0.00, 0.30) m would be outside the new workspace"),
-    ({"workspace_max": [0.6, 0.35, 0.55], "boundary_tolerance_m": 0.05}, "safety.workspace_max",
+    ({"workspace_max": [0.6, 0.35, 0.55], "boundary_tolerance_m": 0.05, "max_outside_workspace_m": 0.05},
+     "safety.workspace_max",
      "the arm's position (0.70, 0.00, 0.30) m would be outside the new workspace"),
     ({"workspace_min": [0.25, 0.05, 0.02]}, "safety.workspace_min", "the arm's position (0.70, 0.00, 0.30) m"),
     ({"keep_out_boxes": [0.65, -0.05, 0.25, 0.75, 0.05, 0.35]}, "safety.keep_out_boxes",

@@ -25,6 +25,7 @@ from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 
 from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ArmAction, Episode, SafetyStatus  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
 from test.ros_helpers import Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
 
 MEASUREMENTS = "/tmp/rt2_safety_freshness_measurements.txt"
@@ -53,6 +54,7 @@ class Driver:
         self.probe = probe
         self.on = True
         self.stamp_age_s: float | None = 0.0
+        self.position = POSE
         self.pub = probe.pose_pub = probe.publisher(PoseStamped, "/ee_pose", 10)
         self._lock = threading.Lock()
         self.timer = probe.node.create_timer(0.02, self._publish)
@@ -64,7 +66,7 @@ class Driver:
             msg = PoseStamped()
             msg.header.stamp = Time() if self.stamp_age_s is None else ros_stamp(self.probe, -self.stamp_age_s)
             msg.header.frame_id = FRAME
-            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = POSE
+            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = self.position
             msg.pose.orientation.w = 1.0
             self.pub.publish(msg)
 
@@ -255,6 +257,31 @@ def test_ee_pose_loss_mid_episode_holds_within_its_age_bound(rig: Rig) -> None:
     assert rig.wait_status(lambda s: s.actions_accepted > accepted, 2.0, "a new accepted action").state_name \
         in ("RUNNING", "HOLDING")
     measure("ee_pose back -> motion", t_move - t_back, "waits for the next fresh action of the 10 Hz policy")
+    rig.feeder.episode = None
+
+
+def test_arm_measured_far_outside_the_workspace_latches_a_fault_until_reset(rig: Rig) -> None:
+    # The arm driver reports the hand 4 cm past workspace_max x mid-episode (a collision, a controller
+    # that did not follow): FAULT, zero twists while the policy keeps sending; after the arm is back,
+    # ~/reset ends the episode and a new instruction moves it again.
+    ep = rig.begin()
+    t_out = time.monotonic()
+    with rig.driver._lock:
+        rig.driver.position = (0.79, 0.0, 0.3)
+    s = rig.wait_status(lambda s: s.state_name == "FAULT", 2.0, "FAULT after the pose left the workspace")
+    why = " ".join(s.reasons)
+    assert "arm_outside_workspace" in why and "40 mm outside" in why, why
+    assert "40 mm outside the workspace" in rig.log.read_text()  # and the operator reads it in the log
+    t_zero = first_time(rig.probe, "twist", t_out, is_zero, 2.0, "a zero twist")
+    assert_held(rig.probe, t_zero, n=15)  # the 10 Hz policy keeps sending: nothing moves
+    with rig.driver._lock:
+        rig.driver.position = POSE
+    t_back = time.monotonic()  # the node must have the arm's pose back in the box before the reset
+    rig.probe.wait_for(lambda: rig.driver.pub.published_at > t_back + 0.2, 2.0, "poses back inside")
+    assert rig.probe.call(Trigger, "/rt2_safety/reset", Trigger.Request()).success
+    rig.wait_status(lambda s: s.state_name == "IDLE", 2.0, "IDLE: the reset ends the episode")
+    assert_held(rig.probe, time.monotonic(), n=5)  # the old episode's actions do not move it
+    assert rig.begin() != ep  # a new instruction moves the arm again (begin waits for steady motion)
     rig.feeder.episode = None
 
 

@@ -194,6 +194,38 @@ def test_angular_twist_rotates_about_base_z(fresh):
     assert angle == pytest.approx(0.25, abs=0.03)
 
 
+@pytest.mark.parametrize("axis", [(1, 0, 0), (0, 1, 0), (0, 0, 1)])
+def test_endless_rotation_halts_at_the_joint_limits_and_the_hand_keeps_its_place(fresh, axis):
+    # A policy may ask for any rotation; the arm turns as far as its joints go and then halts like
+    # MoveIt Servo. Before the reachability check the IK traded position for the orientation and a
+    # 1 rad/s twist swung the hand 0.19-0.60 m across (and out of) the workspace within 8 s.
+    start, _ = fresh.ee_pose()
+    worst = 0.0
+    for _ in range(round(8.0 / SERVO_DT)):
+        fresh.apply_twist((0, 0, 0), axis, 0.0, SERVO_DT)
+        fresh.step(SERVO_DT)
+        worst = max(worst, float(np.linalg.norm(fresh.ee_pose()[0] - start)))
+    assert worst < 0.03, f"the hand moved {worst:.3f} m while only a rotation was commanded"
+    _, halted = fresh.ee_pose()
+    assert 2 * math.acos(min(1.0, abs(float(np.dot(halted, (0, 1, 0, 0)))))) > 0.5  # it did turn first
+    for _ in range(round(1.0 / SERVO_DT)):  # and the other way it moves again
+        fresh.apply_twist((0, 0, 0), tuple(-a for a in axis), 0.0, SERVO_DT)
+        fresh.step(SERVO_DT)
+    _, back = fresh.ee_pose()
+    assert 2 * math.acos(min(1.0, abs(float(np.dot(halted, back))))) > 0.5
+
+
+def test_commanded_pose_never_leads_the_measured_one_beyond_its_bound(fresh):
+    # The arm cannot follow (physics not stepped: as if blocked): the command must not wind up.
+    p0, q0 = fresh.ee_pose()
+    for _ in range(60):  # 2 s of the fastest twist the sim takes, no physics step in between
+        assert fresh.apply_twist((0.5, 0.5, 0.5), (0, 0, 1.5), 0.0, SERVO_DT)
+    target_p, target_q = fresh.commanded_pose()
+    assert np.linalg.norm(target_p - p0) <= fresh.config["sim.max_command_lead_m"] + 1e-9
+    angle = 2 * math.acos(min(1.0, abs(float(np.dot(target_q, q0)))))
+    assert angle <= fresh.config["sim.max_command_lead_rad"] + 1e-6
+
+
 @pytest.mark.parametrize("age", [0.1001, 0.15, 1.0, -0.5])
 def test_stale_twist_is_dropped_and_arm_holds(fresh, age):
     start, _ = fresh.ee_pose()

@@ -39,6 +39,7 @@ def test_soak_60_s_no_violation_no_death_no_leak(tmp_path: Path):
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     print((tmp_path / "soak.md").read_text())
+    assert r["foreign_pose_samples"] == 0, f"another process publishes ee_pose on ROS domain {domain}: {r}"
     assert r["violations"] == 0 and r["pose_samples"] > 1000, r
     assert not r["unexpected_deaths"], (r["unexpected_deaths"], r["logs"])
     assert proc.returncode == 0, proc.stdout[-3000:]

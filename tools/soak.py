@@ -16,13 +16,16 @@ Watched all the time, from the simulator's ground truth (``ee_pose`` is what the
 really does): workspace violations, i.e. end-effector positions outside the safety workspace by
 more than ``VIOLATION_TOLERANCE_M`` (must be 0); the twist stream to the controller (its longest
 gap: the command stream must never stop while the safety node lives); processes that die without
-being killed. Reported: episodes, successes, faults by kind, safety interventions (the safety
-node's counters), RSS and open file descriptors of every process at start and end.
+being killed; ee_pose samples from a publisher that is not the current simulator (another process
+on the same ROS domain). Everything the monitor saw goes to ``trace.jsonl`` in the logs directory
+(poses, twists, joint states, safety states, faults, restarts), to trace a violation back to its
+cause. Reported: episodes, successes, faults by kind, safety interventions (the safety node's
+counters), RSS and open file descriptors of every process at start and end.
 
     .venv/bin/python tools/soak.py                  # 10 minutes, writes bench/results/soak.md
     .venv/bin/python tools/soak.py --seconds 60 --json out.json --out /tmp/soak.md
 
-Exit status 1 on a violation or an unexpected process death. ``test/test_soak.py`` runs 60 s.
+Exit status 1 on a violation, an unexpected process death or a foreign ee_pose publisher. ``test/test_soak.py`` runs 60 s.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class Report:
     first_violation: tuple | None = None
     last_violation: tuple | None = None
     pose_samples: int = 0
+    # ee_pose samples from a publisher other than the newest simulator (another process on this ROS domain
+    # would feed the monitor and the safety node its arm's poses): the run proves nothing then
+    foreign_pose_samples: int = 0
     twist_count: int = 0
     max_twist_gap_s: float = 0.0  # between the safety node's stamps on consecutive twists (its publish clock)
     max_twist_gap_at_s: float = 0.0  # when the longest gap ended, on the soak's clock (compare fault_times)
@@ -130,6 +136,7 @@ class Report:
             f"{self.worst_outside_m * 1000:.1f} mm"
             + "".join(f"; {k} at {v[0]:.1f} s, ({v[1]:.3f}, {v[2]:.3f}, {v[3]:.3f}) m"
                       for k, v in (("first", self.first_violation), ("last", self.last_violation)) if v) + " |",
+            f"| ee_pose samples from an older or a second publisher (must be 0) | {self.foreign_pose_samples} |",
             f"| twists to the controller | {self.twist_count}, longest gap {self.max_twist_gap_s * 1000:.0f} ms "
             f"between the safety node's stamps ({self.max_twist_receive_gap_s * 1000:.0f} ms between arrivals here) |",
             f"| longest twist gap ended at | {self.max_twist_gap_at_s:.1f} s; faults began at "
@@ -216,6 +223,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
     from geometry_msgs.msg import PoseStamped, TwistStamped
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from sensor_msgs.msg import JointState
     from std_msgs.msg import String
     from std_srvs.srv import Trigger
     from visualization_msgs.msg import MarkerArray
@@ -233,17 +241,39 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
     stack = Stack(workdir, _free_port())
     lock = threading.Lock()
     t_begin = time.monotonic()  # restarted once the loop is up
-    state: dict = {"status": None, "objects": None, "objects_t": 0.0, "last_twist": None, "last_twist_stamp": 0.0}
+    state: dict = {"status": None, "objects": None, "objects_t": 0.0, "last_twist": None, "last_twist_stamp": 0.0,
+                   "pose_publisher": None, "old_pose_publishers": set()}
 
     rclpy.init()
     node = rclpy.create_node("rt2_soak_monitor")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    # Everything the arm was told and did, one JSON object per line, so a violation can be traced back to
+    # its cause afterwards: ee_pose, twists, joint states, safety status changes, faults and restarts.
+    trace = open(workdir / "trace.jsonl", "w")  # noqa: SIM115 - closed in the finally below
 
-    def on_pose(msg: PoseStamped) -> None:
-        p = (msg.pose.position.x, msg.pose.position.y, msg.pose.position.z)
-        d = outside_by(p, lo, hi)
+    def log(record: str, **fields) -> None:
+        line = json.dumps({"t": round(time.monotonic() - t_begin, 3), "k": record, **fields})
         with lock:
+            trace.write(line + "\n")
+
+    def publisher(info) -> str:  # the publisher's GID, short: two publishers on one topic must stand out
+        gid = (info or {}).get("publisher_gid") or {}
+        return bytes(gid.get("data", b"")).hex()[-8:]
+
+    def on_pose(msg: PoseStamped, info) -> None:
+        p = (msg.pose.position.x, msg.pose.position.y, msg.pose.position.z)
+        o = msg.pose.orientation
+        d = outside_by(p, lo, hi)
+        pub = publisher(info)
+        log("pose", p=[round(v, 4) for v in p], q=[round(v, 4) for v in (o.w, o.x, o.y, o.z)], pub=pub)
+        with lock:
+            if pub != state["pose_publisher"]:  # a restarted simulator; its predecessors must stay silent
+                if pub in state["old_pose_publishers"]:
+                    report.foreign_pose_samples += 1
+                else:
+                    state["old_pose_publishers"].add(state["pose_publisher"])
+                    state["pose_publisher"] = pub
             report.pose_samples += 1
             report.worst_outside_m = max(report.worst_outside_m, d)
             if d > VIOLATION_TOLERANCE_M:
@@ -251,9 +281,12 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
                 report.last_violation = (round(time.monotonic() - t_begin, 2), *p)
                 report.first_violation = report.first_violation or report.last_violation
 
-    def on_twist(msg: TwistStamped) -> None:
+    def on_twist(msg: TwistStamped, info) -> None:
         now = time.monotonic()
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        lin, ang = msg.twist.linear, msg.twist.angular
+        log("twist", v=[round(x, 4) for x in (lin.x, lin.y, lin.z)], w=[round(x, 4) for x in (ang.x, ang.y, ang.z)],
+            stamp=round(stamp, 3), pub=publisher(info))
         with lock:
             if state["last_twist"] is not None:
                 report.max_twist_receive_gap_s = max(report.max_twist_receive_gap_s, now - state["last_twist"])
@@ -265,7 +298,12 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
 
     def on_status(msg) -> None:
         with lock:
-            state["status"] = msg
+            before, state["status"] = state["status"], msg
+        if before is None or (before.state_name, before.instruction) != (msg.state_name, msg.instruction):
+            log("status", state=msg.state_name, instruction=msg.instruction)
+
+    def on_joints(msg) -> None:
+        log("joints", q=[round(v, 4) for v in msg.position])
 
     def on_objects(msg: MarkerArray) -> None:
         with lock:
@@ -277,6 +315,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
     node.create_subscription(SafetyStatus, "/rt2_safety/status", on_status, QoSProfile(
         depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     node.create_subscription(MarkerArray, "/rt2_sim/objects", on_objects, 10)
+    node.create_subscription(JointState, "/joint_states", on_joints, qos_profile_sensor_data)
     say = node.create_publisher(String, "/instruction", EVENT_QOS)
     estop = node.create_client(Trigger, "/rt2_safety/estop")
     reset = node.create_client(Trigger, "/rt2_safety/reset")
@@ -328,6 +367,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
                     return
                 with lock:
                     report.fault_times.append((round(time.monotonic() - t_begin, 1), kind))
+                log("fault", kind=kind)
                 if kind == "backend_restart":
                     stack.kill("rt2-serve")
                     time.sleep(1.0)
@@ -391,6 +431,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
             # Every episode starts from a fresh scene: with a cube already in the tray the embedded policy
             # often ends the next one believing it placed its cube when it is not in the tray (a policy limit
             # seen in the first soak runs, not a safety matter), and a dropped cube may lie anywhere.
+            log("event", what="simulator restart")
             stack.kill("sim")
             stack.start("sim")
             report.sim_restarts += 1
@@ -419,6 +460,7 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
         spinner.join(5.0)
         node.destroy_node()
         rclpy.try_shutdown()
+        trace.close()
     report.seconds = round(time.monotonic() - t_begin)
     report.load_average = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return report
@@ -444,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text)
     if args.json:
         args.json.write_text(json.dumps({**report.__dict__, "logs": str(workdir)}, indent=1))
-    bad = report.violations or report.unexpected_deaths
+    bad = report.violations or report.unexpected_deaths or report.foreign_pose_samples
     print(f"soak: {'FAILED' if bad else 'ok'}: {report.violations} violations, deaths: "
-          f"{report.unexpected_deaths or 'none'}; wrote {args.out}")
+          f"{report.unexpected_deaths or 'none'}, {report.foreign_pose_samples} ee_pose samples from another "
+          f"publisher; trace in {workdir / 'trace.jsonl'}; wrote {args.out}")
     return 1 if bad else 0
 
 

@@ -442,7 +442,9 @@ class SafetyNode(LifecycleNode):
         else:
             cmd = self.filter.tick(time.monotonic(), pose[0], pose[1], pose_time=pose[2])
         self._last_tick_reasons = cmd.reasons
-        if "hold:no_fresh_pose" in cmd.reasons:
+        if "fault:arm_outside_workspace" in cmd.reasons:  # every time: each one is a safety event
+            self.get_logger().error(self.filter.hold_reason)
+        elif "hold:no_fresh_pose" in cmd.reasons:
             self._log_once("hold:no_fresh_pose", f"holding: {self.filter.hold_reason} (is the arm driver "
                                                  "publishing ee_pose, with current stamps?)")
         elif "hold:stale_action" in cmd.reasons:

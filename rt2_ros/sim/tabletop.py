@@ -18,6 +18,15 @@ Design choices:
   integrated on the *commanded* end-effector pose, never the measured one (integrating the
   measured pose makes the arm sag under gravity and drift), clamped to ``sim.workspace_*``,
   then solved by damped IK with joint limits and a rest pose and sent as position targets.
+  The commanded pose never leads the measured one by more than ``sim.max_command_lead_m`` /
+  ``sim.max_command_lead_rad``: Servo steps from the arm's current state, so a command the arm
+  cannot follow (a joint limit, a collision, a cube pressed into the table) does not pile up.
+  Without the bound the commanded orientation kept turning while the hand could not.
+  And like Servo at a joint limit, the arm halts on a commanded pose it cannot reach: an IK
+  solution whose hand lies more than ``sim.ik_tolerance_m`` / ``_rad`` from the commanded pose
+  (checked on a kinematics-only copy of the arm) is not sent, and the command stays at the last
+  reachable pose. Without that check the IK, asked for an orientation the joints cannot give,
+  gave up position for it: a 1 rad/s twist held for 8 s swung the hand 0.19-0.60 m (docs/sim.md).
 * **Grasping**: physical (finger pad friction ``sim.finger_friction``, finger force
   ``sim.finger_force``); it holds 4 cm cubes through pick-and-place at the default speeds.
   For harsher motions, ``sim.grasp_assist`` (off by default) adds a fixed constraint between
@@ -149,6 +158,17 @@ SIM_PARAMS: tuple[ParamSpec, ...] = (
               "upper corner of the commanded end-effector box (base frame)", "m", -2.0, 2.0, length=3),
     ParamSpec("sim.max_linear_speed", "double", 0.5, "twist linear speed is clipped to this", "m/s", 0.0, 5.0),
     ParamSpec("sim.max_angular_speed", "double", 1.5, "twist angular speed is clipped to this", "rad/s", 0.0, 10.0),
+    ParamSpec("sim.max_command_lead_m", "double", 0.05,
+              "the integrated commanded position stays within this distance of the measured one (no wind-up "
+              "against a limit or a collision)", "m", 0.001, 1.0),
+    ParamSpec("sim.max_command_lead_rad", "double", 0.3,
+              "the integrated commanded orientation stays within this angle of the measured one", "rad", 0.001,
+              math.pi),
+    ParamSpec("sim.ik_tolerance_m", "double", 0.01,
+              "a twist whose commanded pose the IK reaches no closer than this is not executed (the arm halts)",
+              "m", 0.0001, 0.5),
+    ParamSpec("sim.ik_tolerance_rad", "double", 0.1,
+              "the same for the commanded orientation", "rad", 0.0001, math.pi),
     ParamSpec("sim.home_position", "double_array", [0.45, 0.0, 0.35],
               "end-effector position after reset, gripper pointing down (base frame)", "m", -2.0, 2.0, length=3),
     ParamSpec("sim.objects", "string_array", list(CUBE_COLORS), "cubes placed on the table (the tray is always there)",
@@ -278,6 +298,13 @@ class TabletopSim:
         self._table = pb.loadURDF("table/table.urdf", [0.4, 0.0, -TABLE_TOP_Z_IN_URDF], useFixedBase=True,
                                   physicsClientId=cid)
         self._robot = self._load_panda(data, c["sim.collision_visuals"])
+        # The same arm alone in a second physics server: forward kinematics of an IK answer without
+        # touching the simulated one (pybullet has no FK function).
+        self._kin_cid = pb.connect(pb.DIRECT)
+        if self._kin_cid < 0:
+            raise SimError("pybullet could not start a DIRECT physics server")
+        self._kin_robot = pb.loadURDF(os.path.join(data, PANDA_URDF), useFixedBase=True,
+                                      physicsClientId=self._kin_cid)
         limits = [pb.getJointInfo(self._robot, j, physicsClientId=cid)[8:10] for j in ARM_JOINTS + FINGER_JOINTS]
         self._lower = [float(lo) for lo, _ in limits]
         self._upper = [float(hi) for _, hi in limits]
@@ -357,6 +384,7 @@ class TabletopSim:
         self._randomise_appearance(seed)
         self._target_pos = home.copy()
         self._target_quat = down.copy()
+        self._reachable_pos, self._reachable_quat = home.copy(), down.copy()
         self._gripper_cmd = 0.0
         self._last_command_applied = True
         self._send_arm_targets(self._solve_ik(self._target_pos, self._target_quat))
@@ -485,7 +513,13 @@ class TabletopSim:
         if angle > 1e-12:  # base-frame angular velocity: left-multiply the rotation
             delta = tax.axangle2mat(w / np.linalg.norm(w), angle)
             self._target_quat = tq.mat2quat(delta @ tq.quat2mat(self._target_quat))
-        self._send_arm_targets(self._solve_ik(self._target_pos, self._target_quat))
+        self._limit_command_lead()
+        q = self._solve_ik(self._target_pos, self._target_quat)
+        if self._reaches(q, self._target_pos, self._target_quat):
+            self._send_arm_targets(q)
+            self._reachable_pos, self._reachable_quat = self._target_pos.copy(), self._target_quat.copy()
+        else:  # halt: keep the joint targets and go back to the last pose the arm could take
+            self._target_pos, self._target_quat = self._reachable_pos.copy(), self._reachable_quat.copy()
         self._last_command_applied = True
         return True
 
@@ -623,10 +657,11 @@ class TabletopSim:
 
     def close(self) -> None:
         """Disconnect the physics server (idempotent)."""
-        if getattr(self, "_cid", -1) >= 0:
-            with contextlib.suppress(pb.error):  # already gone (e.g. interpreter shutdown)
-                pb.disconnect(physicsClientId=self._cid)
-            self._cid = -1
+        for attr in ("_kin_cid", "_cid"):
+            if getattr(self, attr, -1) >= 0:
+                with contextlib.suppress(pb.error):  # already gone (e.g. interpreter shutdown)
+                    pb.disconnect(physicsClientId=getattr(self, attr))
+                setattr(self, attr, -1)
 
     def __enter__(self) -> TabletopSim:
         return self
@@ -637,6 +672,31 @@ class TabletopSim:
     # ------------------------------------------------------------------ internals
     def _body_position(self, body: int) -> np.ndarray:
         return np.asarray(pb.getBasePositionAndOrientation(body, physicsClientId=self._cid)[0], dtype=np.float64)
+
+    def _limit_command_lead(self) -> None:
+        """Pull the commanded pose back to within sim.max_command_lead_m / _rad of the measured pose."""
+        p, q = self.ee_pose()
+        lead = self._target_pos - p
+        dist = float(np.linalg.norm(lead))
+        if dist > self.config["sim.max_command_lead_m"]:
+            self._target_pos = np.clip(p + lead * (self.config["sim.max_command_lead_m"] / dist),
+                                       self._ws_min, self._ws_max)
+        axis, angle = tq.quat2axangle(tq.qmult(self._target_quat, tq.qinverse(q)))
+        if angle > math.pi:  # the shorter way round
+            axis, angle = -axis, 2 * math.pi - angle
+        if angle > self.config["sim.max_command_lead_rad"]:
+            self._target_quat = tq.qmult(tq.axangle2quat(axis, self.config["sim.max_command_lead_rad"]), q)
+
+    def _reaches(self, q: list[float], position: np.ndarray, quat_wxyz: np.ndarray) -> bool:
+        """Whether joint positions ``q`` put the grasp frame within sim.ik_tolerance_* of the pose."""
+        for j, qj in zip(ARM_JOINTS, q, strict=True):
+            pb.resetJointState(self._kin_robot, j, qj, physicsClientId=self._kin_cid)
+        state = pb.getLinkState(self._kin_robot, EE_LINK, computeForwardKinematics=True,
+                                physicsClientId=self._kin_cid)
+        if np.linalg.norm(np.asarray(state[4]) - position) > self.config["sim.ik_tolerance_m"]:
+            return False
+        _, angle = tq.quat2axangle(tq.qmult(quat_wxyz, tq.qinverse(_wxyz(state[5]))))
+        return min(angle, 2 * math.pi - angle) <= self.config["sim.ik_tolerance_rad"]
 
     def _solve_ik(self, position: np.ndarray, quat_wxyz: np.ndarray) -> list[float]:
         q = pb.calculateInverseKinematics(
