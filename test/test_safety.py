@@ -862,8 +862,7 @@ def test_arm_measured_far_outside_the_workspace_latches_a_fault_until_cleared() 
     for i in range(1, 4):
         act(f, ArmAction([0.01, 0.0, 0.0], [0, 0, 0], 0.0), i / 10)
         assert f.state == SafetyState.RUNNING and not is_zero(arm.tick(i / 10))
-    far = np.array(cfg.workspace_max) + [cfg.max_outside_workspace_m + 0.01, 0.0, 0.0]
-    far[1:] = POSE[1:]
+    far = np.array([cfg.workspace_max[0] + cfg.max_outside_workspace_m + 0.01, *POSE[1:]])
     cmd = f.tick(0.4, far, IDENTITY)
     assert is_zero(cmd) and f.state == SafetyState.FAULT
     assert "arm_outside_workspace" in f.hold_reason and "40 mm outside" in f.hold_reason, f.hold_reason
@@ -881,7 +880,7 @@ def test_arm_measured_far_outside_the_workspace_latches_a_fault_until_cleared() 
 
 
 def test_arm_just_outside_the_workspace_is_limited_not_faulted() -> None:
-    f, arm = running()
+    f, _ = running()
     act(f, ArmAction([0.01, 0.0, 0.0], [0, 0, 0], 0.0), 0.1)
     near = np.array(POSE, dtype=np.float64)
     near[2] = f.config.workspace_min[2] - 0.5 * f.config.max_outside_workspace_m

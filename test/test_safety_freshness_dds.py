@@ -22,10 +22,10 @@ rclpy = pytest.importorskip("rclpy")
 
 from builtin_interfaces.msg import Time  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
 
 from rt2_ros.nodes.common import ACTION_QOS, COMMAND_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
 from rt2_ros_interfaces.msg import ArmAction, Episode, SafetyStatus  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
 from test.ros_helpers import Probe, isolate_ros_domain, start_bringup, stop, write_params  # noqa: E402
 
 MEASUREMENTS = "/tmp/rt2_safety_freshness_measurements.txt"
