@@ -25,7 +25,8 @@ counters), RSS and open file descriptors of every process at start and end.
     .venv/bin/python tools/soak.py                  # 10 minutes, writes bench/results/soak.md
     .venv/bin/python tools/soak.py --seconds 60 --json out.json --out /tmp/soak.md
 
-Exit status 1 on a violation, an unexpected process death or a foreign ee_pose publisher. ``test/test_soak.py`` runs 60 s.
+Exit status 1 on a violation, an unexpected process death or a foreign ee_pose publisher.
+``test/test_soak.py`` runs 60 s.
 """
 
 from __future__ import annotations
@@ -257,9 +258,9 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
         with lock:
             trace.write(line + "\n")
 
-    def publisher(info) -> str:  # the publisher's GID, short: two publishers on one topic must stand out
+    def publisher(info) -> str:  # the publisher's GID: two publishers on one topic must stand out
         gid = (info or {}).get("publisher_gid") or {}
-        return bytes(gid.get("data", b"")).hex()[-8:]
+        return bytes(gid.get("data", b"")).hex()
 
     def on_pose(msg: PoseStamped, info) -> None:
         p = (msg.pose.position.x, msg.pose.position.y, msg.pose.position.z)
