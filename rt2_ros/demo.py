@@ -145,17 +145,26 @@ def _node_params(args: argparse.Namespace, params_paths: list[Path]) -> dict[str
 
 def _learned_policy(args: argparse.Namespace, params_paths: list[Path]) -> tuple[list[Path], list[str]]:
     """--policy learned: the params files with config/backends/learned.yaml on top, and the policy node's
-    model_path override pointing at the checkpoint (the shipped one unless --model)."""
-    from rt2_ros.learn.evaluate import EvalError, check_model_dir, learned_params_file, shipped_model_dir
+    model_path override pointing at the checkpoint (the shipped one unless --model) with the prompt_template
+    it was trained with."""
+    from rt2_ros.learn.evaluate import (
+        EvalError,
+        check_model_dir,
+        checkpoint_prompt_template,
+        learned_params_file,
+        shipped_model_dir,
+    )
     from rt2_ros.params import ConfigError
 
     if args.backend and args.backend != "local":
         raise ConfigError(f"--policy learned runs the local backend; drop --backend {args.backend}")
     try:
         model = check_model_dir(Path(args.model) if args.model else shipped_model_dir())
+        template = checkpoint_prompt_template(model)  # as trained (e.g. with the hand state)
     except EvalError as exc:
         raise ConfigError(str(exc)) from None
-    return [*params_paths, learned_params_file()], ["-p", f"backend.local.model_path:={model}"]
+    return [*params_paths, learned_params_file()], ["-p", f"backend.local.model_path:={model}",
+                                                     "-p", f"backend.local.prompt_template:={json.dumps(template)}"]
 
 
 def _scene_params(args: argparse.Namespace, run_dir: Path) -> Path:

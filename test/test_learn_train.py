@@ -99,6 +99,64 @@ def test_backend_feeds_the_model_what_training_fed_it(tiny_checkpoint):
     assert answer == "0 1 2 3 4 5 6 7"
 
 
+def _state_backend(checkpoint: Path):
+    from rt2_ros.backends import create_backend
+
+    return create_backend("local", {"model_path": str(checkpoint), "device": "cpu", "cameras": list(CAMERAS),
+                                    "prompt_template": train.STATE_PROMPT_TEMPLATE},
+                          ActionTokenizer.from_profile("rt2"))
+
+
+def test_with_the_hand_state_the_backend_feeds_the_model_what_training_fed_it(tiny_checkpoint):
+    """rt2-train --state: the prompt's 4 state numbers at run time (from the observation's ee_pose and
+    gripper) are the ids training put in (from the dataset frame's observation.state)."""
+    from transformers import AutoProcessor
+
+    from rt2_ros.backends.local_hf import state_text
+
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint), local_files_only=True)
+    base = _observation(size=TINY.image_size)
+    position, quat, grip = np.array([0.41, -0.12, 0.2]), np.array([0.0, 1.0, 0.0, 0.0]), 0.7
+    obs = dataclasses.replace(base, ee_position=position, ee_orientation=quat, gripper=grip)
+    frames = [Frame(images=dict(obs.images), state=np.array([*position, *quat, grip], np.float32),
+                    action_tokens=np.array([0, 1, 2, 3, 4, 5, 6, 7]), timestamp=0.0),
+              Frame(images=dict(obs.images), state=np.array([0.7, 0.3, 0.5, *quat, 0.0], np.float32),
+                    action_tokens=np.array([0, 1, 2, 3, 4, 5, 6, 7]), timestamp=0.1)]
+    data = train.encode_episodes([Episode(obs.instruction, True, 0, frames)], processor, TINY, CAMERAS, state=True)
+    assert len(data.prompts) == 2 and data.prompts[0] != data.prompts[1]
+    batch = train.Batcher(data, processor, processor.tokenizer, augment=False)(np.array([0]))
+    backend = _state_backend(tiny_checkpoint)
+    try:
+        text, images = backend._prompt_and_images(obs)
+        inputs = backend._model_inputs([(text, images)])
+    finally:
+        backend.close()
+    expected = state_text(np.float32(position), np.float32(grip))  # the dataset stores float32
+    assert expected == "82 84 87 178" and f"{expected} Q: " in text, text
+    assert inputs["input_ids"][0].tolist() == batch["input_ids"][0, :len(data.prompts[0])].tolist()
+
+
+def test_state_text_bins_the_position_over_the_box_and_clamps():
+    from rt2_ros.backends.local_hf import STATE_MAX_M, STATE_MIN_M, state_text
+
+    assert state_text(STATE_MIN_M, 0.0) == "0 0 0 0" and state_text(STATE_MAX_M, 1.0) == "255 255 255 255"
+    assert state_text((0.0, 9.0, 0.3), 2.0) == "0 255 135 255"
+
+
+def test_with_state_in_the_template_a_request_without_hand_state_fails_clearly(tiny_checkpoint):
+    from rt2_ros.backends.base import BackendError
+
+    backend = _state_backend(tiny_checkpoint)
+    try:
+        with pytest.raises(BackendError, match=r"no fresh ee_pose and gripper \(is the arm driver"):
+            backend.infer(_observation(), timeout_s=10.0)
+        obs = dataclasses.replace(_observation(), ee_position=np.array([0.5, 0.0, 0.3]))
+        with pytest.raises(BackendError, match="no fresh gripper"):
+            backend.infer(obs, timeout_s=10.0)
+    finally:
+        backend.close()
+
+
 def test_training_is_byte_reproducible_for_a_seed(tmp_path, tiny_checkpoint):
     _train(tmp_path / "again")
     assert train.weights_digest(tmp_path / "again") == train.weights_digest(tiny_checkpoint)
@@ -197,6 +255,28 @@ def test_demo_scene_seed_params_are_what_the_nodes_accept(tmp_path):
     # the simulator renders what the shipped checkpoint was trained on
     assert sim["sim.camera_width"] == evaluate.checkpoint_image_size(evaluate.shipped_model_dir())
     assert nodes["rt2_policy"]["backend.type"] == "local"
+    # ... and learned.yaml's prompt is the one it was trained with (the hand state or not)
+    assert nodes["rt2_policy"]["backend.local.prompt_template"] == \
+        evaluate.checkpoint_prompt_template(evaluate.shipped_model_dir())
+
+
+def test_a_checkpoint_trained_with_the_hand_state_is_served_with_it(tmp_path):
+    """rt2-train --state: the report names the state template; rt2-eval's backend and rt2-demo --policy
+    learned take it from the checkpoint, and the backend answers an observation with ee_pose and gripper."""
+    import argparse
+
+    from rt2_ros.demo import _learned_policy
+
+    result = _train(tmp_path / "state", state=True)
+    assert evaluate.checkpoint_prompt_template(result.out) == train.STATE_PROMPT_TEMPLATE
+    _, overrides = _learned_policy(argparse.Namespace(backend="", model=str(result.out)), [])
+    assert overrides[-2:] == ["-p", 'backend.local.prompt_template:="{image}{state} {prompt}"']
+    backend = evaluate.learned_backend(result.out)
+    try:
+        obs = dataclasses.replace(_observation(), ee_position=np.array([0.5, 0.0, 0.3]), gripper=0.0)
+        assert len(ActionTokenizer.from_profile("rt2").parse_text(backend.infer(obs, 10.0).text).bins) == 8
+    finally:
+        backend.close()
 
 
 def test_shipped_checkpoint_loads_and_answers_a_rendered_scene():

@@ -79,6 +79,24 @@ _REMOTE_VLM_KEYS = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
 # max_new_tokens when the grammar cannot be built and decoding is unconstrained
 _UNCONSTRAINED_FALLBACK_TOKENS = 64
 
+# The hand state in the prompt ({state} in prompt_template): x y z over this box (the default safety
+# workspace) and the gripper closedness, each as a bin 0..255, so a model whose vocabulary has one
+# token per number (rt2-train's) reads the state as 4 tokens.
+STATE_MIN_M = (0.25, -0.35, 0.02)
+STATE_MAX_M = (0.75, 0.35, 0.55)
+STATE_BINS = 256
+
+
+def state_text(position: Sequence[float], gripper: float, lo: Sequence[float] = STATE_MIN_M,
+               hi: Sequence[float] = STATE_MAX_M) -> str:
+    """``"x y z g"``: the end-effector position over the box [lo, hi] (clamped) and the gripper closedness
+    0..1, each as an integer bin 0..255. rt2-train builds its prompts with this same function."""
+    p = np.asarray(position, dtype=np.float64).reshape(3)
+    lo_, hi_ = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    unit = np.clip((p - lo_) / (hi_ - lo_), 0.0, 1.0)
+    bins = [*np.rint(unit * (STATE_BINS - 1)).astype(int), round(min(1.0, max(0.0, float(gripper))) * (STATE_BINS - 1))]
+    return " ".join(str(int(b)) for b in bins)
+
 
 class LocalHFBackend(Backend):
     """``backend.type: local`` — greedy, grammar-constrained generation with a local transformers model."""
@@ -112,7 +130,14 @@ class LocalHFBackend(Backend):
         ParamSpec(_P + "prompt_template", "string", "{image}{prompt}",
                   "Text given to the model: {prompt} = the tokenizer profile's prompt for the instruction, {image} "
                   "= the processor's image placeholder token, once per image ('' if it has none, and always '' for "
-                  "causal_lm)."),
+                  "causal_lm), optional {state} = the hand state 'x y z g' as bins 0..255 (position over "
+                  "state_min..state_max, gripper closedness); with {state} a request without a fresh ee_pose and "
+                  "gripper reading fails (the arm holds)."),
+        ParamSpec(_P + "state_min", "double_array", list(STATE_MIN_M),
+                  "Position mapped to bin 0 in {state} (base frame; the model's training box)", "m", -10.0, 10.0,
+                  length=3),
+        ParamSpec(_P + "state_max", "double_array", list(STATE_MAX_M),
+                  "Position mapped to bin 255 in {state}", "m", -10.0, 10.0, length=3),
         ParamSpec(_P + "append_token_ids", "int_array", [],
                   "Token ids appended after the tokenized prompt (OpenVLA expects [29871], an empty-space token, "
                   "before the first action token).", low=0),
@@ -133,6 +158,9 @@ class LocalHFBackend(Backend):
         self._model_path = _check_model_path(opts["model_path"])
         if "{prompt}" not in opts["prompt_template"]:
             raise BackendConfigError(f"{_P}prompt_template: must contain {{prompt}}, got {opts['prompt_template']!r}")
+        if not all(lo < hi for lo, hi in zip(opts["state_min"], opts["state_max"], strict=True)):
+            raise BackendConfigError(f"{_P}state_min {opts['state_min']} must be below {_P}state_max "
+                                     f"{opts['state_max']} on every axis")
         self._cameras = check_camera_names(opts["cameras"], f"{_P}cameras")
         self._lock = threading.Lock()
         self._torch, self._transformers = _import_torch()
@@ -362,23 +390,32 @@ class LocalHFBackend(Backend):
             raise BackendConfigError(f"tokenizer.token_form={self._token_form}: {exc}") from None
 
     # -- inference -----------------------------------------------------------------------------------
-    def _prompt_text(self, instruction: str, n_images: int = 1) -> str:
+    def _prompt_text(self, observation: Observation, n_images: int = 1) -> str:
         image_token = self._image_token if (self._kind == "image_text_to_text" and self._image_token) else ""
         try:
-            prompt = self.tokenizer.prompt(instruction)
+            prompt = self.tokenizer.prompt(observation.instruction)
         except ValueError as exc:  # TokenError: e.g. an empty instruction
             raise BackendError(f"local: cannot build the prompt: {exc}") from None
-        return self.options["prompt_template"].replace("{image}", image_token * n_images).replace("{prompt}", prompt)
+        template = self.options["prompt_template"]
+        if "{state}" in template:
+            if observation.ee_position is None or observation.gripper is None:
+                missing = " and ".join(n for n, v in (("ee_pose", observation.ee_position),
+                                                       ("gripper", observation.gripper)) if v is None)
+                raise BackendError(f"local: {_P}prompt_template has {{state}} but the observation has no fresh "
+                                   f"{missing} (is the arm driver publishing ee_pose and joint_states?)")
+            template = template.replace("{state}", state_text(observation.ee_position, observation.gripper,
+                                                              self.options["state_min"], self.options["state_max"]))
+        return template.replace("{image}", image_token * n_images).replace("{prompt}", prompt)
 
     def _prompt_and_images(self, observation: Observation) -> tuple[str, list[Any]]:
         """The prompt text and the PIL images (none for causal_lm) of one observation."""
         if self._kind != "image_text_to_text":
-            return self._prompt_text(observation.instruction), []
+            return self._prompt_text(observation), []
         from PIL import Image
 
         frames = camera_frames(observation, self._cameras, f"{_P}cameras", self.name)
         images = [Image.fromarray(np.ascontiguousarray(f)) for _, f in frames]  # uint8 HxWx3 -> RGB
-        return self._prompt_text(observation.instruction, len(images)), images
+        return self._prompt_text(observation, len(images)), images
 
     def _model_inputs(self, prompts: Sequence[tuple[str, list[Any]]]) -> dict[str, Any]:
         """Model inputs of a batch of (prompt, images), prompts left-padded to one length so that every

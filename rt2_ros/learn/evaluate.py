@@ -123,6 +123,19 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
+def checkpoint_prompt_template(model: Path) -> str:
+    """The backend.local.prompt_template the checkpoint was trained with (its train_report.json; a checkpoint
+    without one gets the local backend's default)."""
+    from rt2_ros.learn.train import PROMPT_TEMPLATE, REPORT_FILE
+
+    report = Path(model) / REPORT_FILE
+    try:
+        return str(json.loads(report.read_text()).get("prompt_template", PROMPT_TEMPLATE)) if report.is_file() \
+            else PROMPT_TEMPLATE
+    except (OSError, ValueError, AttributeError) as exc:
+        raise EvalError(f"{report}: unreadable ({exc})") from None
+
+
 def checkpoint_image_size(model: Path) -> int:
     """The square image size (px) the checkpoint's processor feeds the model: what its cameras must render."""
     config = Path(model) / "processor_config.json"
@@ -135,7 +148,8 @@ def checkpoint_image_size(model: Path) -> int:
 
 def learned_backend(model: Path, params_file: Path | None = None):
     """The checkpoint as the policy node would run it: LocalHFBackend with the options of the learned params
-    file (cameras, constrained decoding) and its tokenizer profile; ``model`` overrides model_path."""
+    file (cameras, constrained decoding) and its tokenizer profile; ``model`` overrides model_path, and its
+    training report the prompt_template (as rt2-demo --policy learned does)."""
     from rt2_ros.backends import create_backend
     from rt2_ros.nodes.bringup import check_params
 
@@ -144,6 +158,7 @@ def learned_backend(model: Path, params_file: Path | None = None):
     prefix = "backend.local."
     options = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
     options["model_path"] = str(check_model_dir(model))
+    options["prompt_template"] = checkpoint_prompt_template(model)  # as trained, e.g. with the hand state
     return create_backend("local", options, _action_tokenizer(params))
 
 

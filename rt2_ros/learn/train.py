@@ -10,9 +10,11 @@ prompt, built exactly as :class:`~rt2_ros.backends.local_hf.LocalHFBackend` buil
 ``"Q: what action should the robot take to <instruction>? A:"``), so the saved directory loads in
 the ``local`` backend as it is and answers under its constrained decoding.
 
-Inputs: the image(s) and the instruction only — no proprioception. The ``local`` backend puts no
-state into the prompt, and the wrist camera shows what the hand state would tell (fingers open or
-closed, a cube held, the height above the table), so the model reads it from pixels.
+Inputs: the image(s) and the instruction; with ``--state`` also the hand state, as four numbers
+(x y z gripper, bins 0..255, :func:`rt2_ros.backends.local_hf.state_text`) between the images and the
+prompt (``STATE_PROMPT_TEMPLATE``, which the ``local`` backend fills from the observation's ee_pose and
+gripper). Without it the wrist camera shows part of what the state would tell (fingers open or closed,
+a cube held, the height above the table) and the model must read it from pixels.
 
 Design choices for training on a CPU in tens of minutes (measured: ~150-250 samples/s on one
 thread with the defaults):
@@ -63,6 +65,7 @@ import numpy as np
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
 PROMPT_TEMPLATE = "{image}{prompt}"  # LocalHFBackend's default prompt_template
+STATE_PROMPT_TEMPLATE = "{image}{state} {prompt}"  # with the hand state (TrainOptions.state)
 REPORT_FILE = "train_report.json"
 # A gripper whose measured closedness changes less than this between frames has stopped (relabel_waits).
 GRIPPER_SETTLED = 0.01
@@ -119,6 +122,11 @@ class TrainOptions:
     seed: int = 0
     threads: int = 1
     cameras: tuple[str, ...] = DEFAULT_CAMERAS
+    state: bool = False  # the hand state in the prompt (STATE_PROMPT_TEMPLATE, local_hf.state_text)
+
+    @property
+    def prompt_template(self) -> str:
+        return STATE_PROMPT_TEMPLATE if self.state else PROMPT_TEMPLATE
 
 
 @dataclass
@@ -126,7 +134,7 @@ class EncodedData:
     """Frames ready for the model: uint8 images, token ids, and the episode each frame came from."""
 
     images: np.ndarray  # (N, n_cameras, S, S, 3) uint8
-    prompt_index: np.ndarray  # (N,) index into prompts
+    prompt_index: np.ndarray  # (N,) index into prompts (one per instruction, or per frame with the state)
     answers: np.ndarray  # (N, 8) int64 bins
     episode: np.ndarray  # (N,) episode index
     prompts: list[list[int]] = field(default_factory=list)  # token ids of each distinct prompt (images expanded)
@@ -288,18 +296,29 @@ def relabel_waits(bins: np.ndarray, gripper: np.ndarray | None = None,
     return out, n
 
 
-def prompt_text(instruction: str, n_images: int) -> str:
-    """The text LocalHFBackend gives the processor for ``instruction`` (its default prompt_template)."""
+def prompt_text(instruction: str, n_images: int, state: str | None = None) -> str:
+    """The text LocalHFBackend gives the processor for ``instruction``: its default prompt_template, or with
+    ``state`` (:func:`~rt2_ros.backends.local_hf.state_text`) STATE_PROMPT_TEMPLATE."""
     from rt2_ros.tokens import ActionTokenizer
 
     prompt = ActionTokenizer.from_profile("rt2").prompt(instruction)
-    return PROMPT_TEMPLATE.replace("{image}", IMAGE * n_images).replace("{prompt}", prompt)
+    template = PROMPT_TEMPLATE if state is None else STATE_PROMPT_TEMPLATE.replace("{state}", state)
+    return template.replace("{image}", IMAGE * n_images).replace("{prompt}", prompt)
+
+
+def frame_state_text(frame) -> str:
+    """The {state} of a dataset frame: its observation.state's position and gripper closedness."""
+    from rt2_ros.backends.local_hf import state_text
+
+    st = np.asarray(frame.state, dtype=np.float64).reshape(-1)
+    return state_text(st[:3], float(st[7]))
 
 
 def encode_episodes(episodes: Sequence, processor, spec: ModelSpec, cameras: Sequence[str],
-                    relabel: bool = False) -> EncodedData:
+                    relabel: bool = False, state: bool = False) -> EncodedData:
     """Every frame of ``episodes`` as model input (images resized once, prompts tokenized by the processor);
-    ``relabel``: arm waits carry the action after them (:func:`relabel_waits`)."""
+    ``relabel``: arm waits carry the action after them (:func:`relabel_waits`); ``state``: each frame's
+    prompt carries its hand state (:func:`frame_state_text`)."""
     from PIL import Image
 
     frames = [(i, ep, fr) for i, ep in enumerate(episodes) for fr in ep.frames]
@@ -309,8 +328,22 @@ def encode_episodes(episodes: Sequence, processor, spec: ModelSpec, cameras: Seq
     blank = [Image.new("RGB", (spec.image_size, spec.image_size))] * len(cameras)
     prompts = []
     for instruction in instructions:  # the processor expands each image placeholder to its image tokens
-        out = processor(text=prompt_text(instruction, len(cameras)), images=blank if len(blank) > 1 else blank[0])
+        out = processor(text=prompt_text(instruction, len(cameras), "0 0 0 0" if state else None),
+                        images=blank if len(blank) > 1 else blank[0])
         prompts.append([int(t) for t in out["input_ids"][0]])
+    if state:  # one prompt per frame: the instruction's, with the frame's 4 state numbers put in
+        number_id = processor.tokenizer.convert_tokens_to_ids
+        zero = number_id("0")
+        slots = [[k for k, t in enumerate(p) if t == zero] for p in prompts]
+        if any(len(s) != 4 for s in slots):
+            raise TrainError("the state's 4 numbers could not be found in the tokenized prompt")
+        index = {s: i for i, s in enumerate(instructions)}
+        per_frame = []
+        for _, ep, fr in frames:
+            ids = list(prompts[index[ep.instruction]])
+            for k, word in zip(slots[index[ep.instruction]], frame_state_text(fr).split(), strict=True):
+                ids[k] = number_id(word)
+            per_frame.append(ids)
     images = np.empty((len(frames), len(cameras), spec.image_size, spec.image_size, 3), dtype=np.uint8)
     answers = np.empty((len(frames), 8), dtype=np.int64)
     for k, (_, ep, fr) in enumerate(frames):
@@ -332,9 +365,13 @@ def encode_episodes(episodes: Sequence, processor, spec: ModelSpec, cameras: Seq
             answers[start:end], n = relabel_waits(answers[start:end], gripper)
             relabelled += n
             start = end
-    index = {s: i for i, s in enumerate(instructions)}
-    return EncodedData(images=images, prompt_index=np.array([index[ep.instruction] for _, ep, _ in frames]),
-                       answers=answers, episode=np.array([i for i, _, _ in frames]), prompts=prompts,
+    if state:
+        prompt_index, prompts = np.arange(len(frames)), per_frame
+    else:
+        index = {s: i for i, s in enumerate(instructions)}
+        prompt_index = np.array([index[ep.instruction] for _, ep, _ in frames])
+    return EncodedData(images=images, prompt_index=prompt_index, answers=answers,
+                       episode=np.array([i for i, _, _ in frames]), prompts=prompts,
                        instructions=instructions, relabelled=relabelled)
 
 
@@ -486,7 +523,7 @@ def train(data_episodes: Sequence, out: Path, spec: ModelSpec = ModelSpec(), opt
     processor = build_processor(tokenizer, spec)
     model = build_model(tokenizer, spec)
     n_params = sum(p.numel() for p in model.parameters())
-    data = encode_episodes(data_episodes, processor, spec, opts.cameras, opts.relabel_waits)
+    data = encode_episodes(data_episodes, processor, spec, opts.cameras, opts.relabel_waits, opts.state)
     train_eps, val_eps = split_episodes(len(data_episodes), opts.val_fraction)
     train_idx = np.flatnonzero(np.isin(data.episode, train_eps))
     val_idx = np.flatnonzero(np.isin(data.episode, val_eps))
@@ -552,8 +589,10 @@ def train(data_episodes: Sequence, out: Path, spec: ModelSpec = ModelSpec(), opt
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != REPORT_FILE)
     report = {
         "model": "LlavaForConditionalGeneration (CLIP vision tower + Llama decoder), trained from scratch",
-        "inputs": f"cameras {list(opts.cameras)} + instruction; no proprioception",
-        "prompt_template": PROMPT_TEMPLATE, "token_profile": "rt2", "token_form": "text",
+        "inputs": f"cameras {list(opts.cameras)} + instruction"
+                  + ("; hand state (x y z gripper as bins 0..255, local_hf.state_text)" if opts.state
+                     else "; no proprioception"),
+        "prompt_template": opts.prompt_template, "token_profile": "rt2", "token_form": "text",
         "spec": asdict(spec), "options": {**asdict(opts), "cameras": list(opts.cameras)},
         "data": data_label.strip() or None, "episodes": len(data_episodes),
         "train_frames": len(train_idx), "val_frames": len(val_idx),
@@ -598,6 +637,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads (1: byte-identical weights for one seed on one machine)")
     p.add_argument("--cameras", default=",".join(d.cameras),
                    help=f"dataset cameras the model sees, main first ({','.join(d.cameras)})")
+    p.add_argument("--state", action="store_true",
+                   help="put the hand state (x y z gripper, bins 0..255) in the prompt; serve the checkpoint with "
+                        f"backend.local.prompt_template '{STATE_PROMPT_TEMPLATE}'")
     p.add_argument("--max-episodes", type=int, default=0, help="use only the first N episodes (0 = all)")
     p.add_argument("--include-failed", action="store_true",
                    help="also train on episodes the demonstrator failed (default: successful ones only)")
@@ -619,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, bin_sigma=args.bin_sigma,
                             augment=not args.no_augment, relabel_waits=not args.keep_waits,
                             val_fraction=args.val_fraction, seed=args.seed,
-                            threads=args.threads, cameras=cameras)
+                            threads=args.threads, cameras=cameras, state=args.state)
         episodes = load_dataset(Path(args.data))
         if args.max_episodes > 0:
             episodes = episodes[:args.max_episodes]
