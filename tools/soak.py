@@ -110,6 +110,8 @@ class Report:
     max_twist_gap_at_s: float = 0.0  # when the longest gap ended, on the soak's clock (compare fault_times)
     fault_times: list = field(default_factory=list)  # (start s, kind) on the soak's clock
     max_twist_receive_gap_s: float = 0.0  # at this monitor: also counts the monitor's own scheduling stalls
+    # after each simulator restart: until the safety node reports a fresh ee_pose (an episode starts only then)
+    max_pose_wait_s: float = 0.0
     load_average: str = ""  # 1/5/15-minute load at the end: other jobs on the machine show here
     interventions: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)  # role -> {start_rss_mb, end_rss_mb, start_fds, end_fds, starts}
@@ -140,6 +142,8 @@ class Report:
             f"| ee_pose samples from an older or a second publisher (must be 0) | {self.foreign_pose_samples} |",
             f"| twists to the controller | {self.twist_count}, longest gap {self.max_twist_gap_s * 1000:.0f} ms "
             f"between the safety node's stamps ({self.max_twist_receive_gap_s * 1000:.0f} ms between arrivals here) |",
+            f"| longest wait after a simulator start until the safety node had a fresh ee_pose | "
+            f"{self.max_pose_wait_s:.1f} s (episodes start only then) |",
             f"| longest twist gap ended at | {self.max_twist_gap_at_s:.1f} s; faults began at "
             + (", ".join(f"{t} s {k}" for t, k in self.fault_times) or "-") + " |",
             f"| load average at the end (1/5/15 min) | {self.load_average} |",
@@ -438,6 +442,12 @@ def run(seconds: float, seed: int, workdir: Path) -> Report:
             report.sim_restarts += 1
             t_restart = time.monotonic()
             wait(lambda t=t_restart: state["objects_t"] > t + 1.0, 30)
+            # An operator starts the next task once the safety node sees the arm (rt2-status: pose age); without
+            # this wait a quarter of the episodes were refused for "no fresh ee_pose" after a restart.
+            if wait(lambda: (st := status()) is not None
+                    and st.header.stamp.sec + st.header.stamp.nanosec * 1e-9 > time.time() - 0.5
+                    and st.pose_age_s < 0.2, 15):
+                report.max_pose_wait_s = max(report.max_pose_wait_s, time.monotonic() - t_restart)
         stop.set()
         inject.join(15)
         report.unexpected_deaths = report.unexpected_deaths or stack.dead_unexpectedly()
