@@ -34,6 +34,7 @@ from collections import Counter, deque
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseStamped, TwistStamped
 from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Bool, ColorRGBA, Float64
@@ -88,6 +89,7 @@ LIVE_PARAMS = frozenset(spec.name for spec in SAFETY_PARAMS) | {"output.frame_al
 # Freshness and rate refusals of the filter (SafetyFilter.drop_counts causes) worth a log line.
 _FRESHNESS_CAUSES = ("no_observation_stamp", "future_action", "stale_action", "no_fresh_pose", "burst")
 _ENDED_EPISODES_KEPT = 64  # ids remembered to tell a straggler ("stale_episode") from a stranger
+CLOSE_HOLD_RETRY_S = 2.0  # the last zero twist at shutdown: ~1 s Fast DDS refusals behind a stopped reader, twice
 
 
 class SafetyNode(LifecycleNode):
@@ -567,8 +569,23 @@ class SafetyNode(LifecycleNode):
         return m
 
     def close(self) -> None:
-        """Leave the arm holding: one last zero twist."""
-        self._publish_hold()
+        """Leave the arm holding: one last zero twist, retried for up to CLOSE_HOLD_RETRY_S in total.
+
+        Fast DDS can refuse a publish ("cannot publish data") for about a second behind a controller
+        that was just stopped or killed (README: the command stream under a stuck reader); that refusal
+        escaped from here and made the node exit 1 without its last zero twist. If it still fails, the
+        controller's own command timeout (MoveIt Servo: 0.1 s) stops the arm; the error is logged.
+        """
+        deadline = time.monotonic() + CLOSE_HOLD_RETRY_S
+        while True:
+            try:
+                self._publish_hold()
+                return
+            except _rclpy.RCLError as exc:
+                if time.monotonic() >= deadline:
+                    self.get_logger().error(f"the last zero twist was not sent within {CLOSE_HOLD_RETRY_S} s: {exc}")
+                    return
+                time.sleep(0.05)
 
 
 def main(args: list[str] | None = None) -> int:
