@@ -516,6 +516,10 @@ class SafetyFilter:
         return self._last_reasons
 
     @property
+    def _fault_latched(self) -> bool:
+        return self._fault is not None and self._fault[1]
+
+    @property
     def hold_reason(self) -> str:
         """Why the arm is not RUNNING ("" while RUNNING), e.g. "watchdog", "estop: button"."""
         return "" if self.state == SafetyState.RUNNING else self._hold_reason
@@ -667,7 +671,7 @@ class SafetyFilter:
             return
         if self._fault is None:
             self._counters["faults"] += 1
-        latched = latch or (self._fault is not None and self._fault[1])
+        latched = latch or self._fault_latched
         self._enter_hold(self._episode, f"fault: {reason}")
         if self._episode == SafetyState.RUNNING:
             self._episode = SafetyState.HOLDING
@@ -792,7 +796,7 @@ class SafetyFilter:
         """
         if self._estopped:
             return self._ignore("ignored:estopped")
-        if self._fault is not None and self._fault[1]:
+        if self._fault_latched:
             return self._ignore("ignored:fault")
         if self._episode == SafetyState.IDLE:
             return self._ignore("ignored:idle")
@@ -933,7 +937,7 @@ class SafetyFilter:
             return self._hold_tick((problem,))
         if measured_position is not None and self._episode in (SafetyState.RUNNING, SafetyState.HOLDING):
             outside = _outside_box(self._p_est, self._ws_lo, self._ws_hi)
-            if outside > cfg.max_outside_workspace_m and not (self._fault is not None and self._fault[1]):
+            if outside > cfg.max_outside_workspace_m and not self._fault_latched:
                 self.fault(f"arm_outside_workspace: the measured position {_fmt_point(self._p_est)} m is "
                            f"{outside * 1000:.0f} mm outside the workspace (> safety.max_outside_workspace_m "
                            f"{cfg.max_outside_workspace_m} m); bring the arm back, then reset or start a new "

@@ -129,9 +129,10 @@ def checkpoint_prompt_template(model: Path) -> str:
     from rt2_ros.learn.train import PROMPT_TEMPLATE, REPORT_FILE
 
     report = Path(model) / REPORT_FILE
+    if not report.is_file():
+        return PROMPT_TEMPLATE
     try:
-        return str(json.loads(report.read_text()).get("prompt_template", PROMPT_TEMPLATE)) if report.is_file() \
-            else PROMPT_TEMPLATE
+        return str(json.loads(report.read_text()).get("prompt_template", PROMPT_TEMPLATE))
     except (OSError, ValueError, AttributeError) as exc:
         raise EvalError(f"{report}: unreadable ({exc})") from None
 

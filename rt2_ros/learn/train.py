@@ -331,13 +331,13 @@ def encode_episodes(episodes: Sequence, processor, spec: ModelSpec, cameras: Seq
         out = processor(text=prompt_text(instruction, len(cameras), "0 0 0 0" if state else None),
                         images=blank if len(blank) > 1 else blank[0])
         prompts.append([int(t) for t in out["input_ids"][0]])
+    index = {s: i for i, s in enumerate(instructions)}
     if state:  # one prompt per frame: the instruction's, with the frame's 4 state numbers put in
         number_id = processor.tokenizer.convert_tokens_to_ids
         zero = number_id("0")
         slots = [[k for k, t in enumerate(p) if t == zero] for p in prompts]
         if any(len(s) != 4 for s in slots):
             raise TrainError("the state's 4 numbers could not be found in the tokenized prompt")
-        index = {s: i for i, s in enumerate(instructions)}
         per_frame = []
         for _, ep, fr in frames:
             ids = list(prompts[index[ep.instruction]])
@@ -368,7 +368,6 @@ def encode_episodes(episodes: Sequence, processor, spec: ModelSpec, cameras: Seq
     if state:
         prompt_index, prompts = np.arange(len(frames)), per_frame
     else:
-        index = {s: i for i, s in enumerate(instructions)}
         prompt_index = np.array([index[ep.instruction] for _, ep, _ in frames])
     return EncodedData(images=images, prompt_index=prompt_index, answers=answers,
                        episode=np.array([i for i, _, _ in frames]), prompts=prompts,

@@ -301,8 +301,8 @@ class TabletopSim:
         # The same arm alone in a second physics server: forward kinematics of an IK answer without
         # touching the simulated one (pybullet has no FK function).
         self._kin_cid = pb.connect(pb.DIRECT)
-        if self._kin_cid < 0:
-            raise SimError("pybullet could not start a DIRECT physics server")
+        if self._kin_cid < 0:  # pb.error: __init__ then closes the main server too
+            raise pb.error("pybullet could not start the kinematics DIRECT physics server")
         self._kin_robot = pb.loadURDF(os.path.join(data, PANDA_URDF), useFixedBase=True,
                                       physicsClientId=self._kin_cid)
         limits = [pb.getJointInfo(self._robot, j, physicsClientId=cid)[8:10] for j in ARM_JOINTS + FINGER_JOINTS]
@@ -681,9 +681,7 @@ class TabletopSim:
         if dist > self.config["sim.max_command_lead_m"]:
             self._target_pos = np.clip(p + lead * (self.config["sim.max_command_lead_m"] / dist),
                                        self._ws_min, self._ws_max)
-        axis, angle = tq.quat2axangle(tq.qmult(self._target_quat, tq.qinverse(q)))
-        if angle > math.pi:  # the shorter way round
-            axis, angle = -axis, 2 * math.pi - angle
+        axis, angle = _rotation_between(q, self._target_quat)
         if angle > self.config["sim.max_command_lead_rad"]:
             self._target_quat = tq.qmult(tq.axangle2quat(axis, self.config["sim.max_command_lead_rad"]), q)
 
@@ -695,8 +693,7 @@ class TabletopSim:
                                 physicsClientId=self._kin_cid)
         if np.linalg.norm(np.asarray(state[4]) - position) > self.config["sim.ik_tolerance_m"]:
             return False
-        _, angle = tq.quat2axangle(tq.qmult(quat_wxyz, tq.qinverse(_wxyz(state[5]))))
-        return min(angle, 2 * math.pi - angle) <= self.config["sim.ik_tolerance_rad"]
+        return _rotation_between(_wxyz(state[5]), quat_wxyz)[1] <= self.config["sim.ik_tolerance_rad"]
 
     def _solve_ik(self, position: np.ndarray, quat_wxyz: np.ndarray) -> list[float]:
         q = pb.calculateInverseKinematics(
@@ -766,6 +763,12 @@ def _jittered(rgba: Sequence[float], amount: float, rng: np.random.Generator) ->
     s *= rng.uniform(1.0 - amount, 1.0)
     v *= rng.uniform(1.0 - amount, 1.0)
     return (*colorsys.hsv_to_rgb(h, s, v), rgba[3])
+
+
+def _rotation_between(q_from: np.ndarray, q_to: np.ndarray) -> tuple[np.ndarray, float]:
+    """Axis and angle (0..pi, the shorter way round) of the base-frame rotation taking q_from to q_to (w, x, y, z)."""
+    axis, angle = tq.quat2axangle(tq.qmult(q_to, tq.qinverse(q_from)))
+    return (-axis, 2 * math.pi - angle) if angle > math.pi else (axis, angle)
 
 
 def _clip_norm(vec: np.ndarray, limit: float) -> np.ndarray:
