@@ -465,7 +465,7 @@ class SafetyNode(LifecycleNode):
             t.header.stamp, t.header.frame_id = stamp, self.frame_id
             t.twist.linear.x, t.twist.linear.y, t.twist.linear.z = (float(v) for v in cmd.linear_velocity)
             t.twist.angular.x, t.twist.angular.y, t.twist.angular.z = (float(v) for v in cmd.angular_velocity)
-            self.twist_pub.publish(t)
+            self._send(self.twist_pub, t)
         if self.pose_pub is not None and cmd.state == SafetyState.RUNNING:
             ps = PoseStamped()
             ps.header.stamp, ps.header.frame_id = stamp, self.frame_id
@@ -473,21 +473,43 @@ class SafetyNode(LifecycleNode):
             q = cmd.target_orientation
             ps.pose.orientation.w, ps.pose.orientation.x = float(q[0]), float(q[1])
             ps.pose.orientation.y, ps.pose.orientation.z = float(q[2]), float(q[3])
-            self.pose_pub.publish(ps)
+            self._send(self.pose_pub, ps)
         if cmd.gripper is None:
             return  # gripper state unknown (no action set it yet): command nothing, never "open"
         value = self.gripper_open + cmd.gripper * (self.gripper_closed - self.gripper_open)
         now = time.monotonic()
         last = self._last_gripper_pub
-        if last is None or abs(value - last[0]) > 1e-6 or now - last[1] > 1.0:  # on change, and 1 Hz keep-alive
-            self.gripper_pub.publish(Float64(data=float(value)))
+        due = last is None or abs(value - last[0]) > 1e-6 or now - last[1] > 1.0  # on change, and 1 Hz keep-alive
+        if due and self._send(self.gripper_pub, Float64(data=float(value))):
             self._last_gripper_pub = (value, now)
 
-    def _publish_hold(self) -> None:
-        if getattr(self, "twist_pub", None) is not None:
-            t = TwistStamped()
-            t.header.stamp, t.header.frame_id = self.get_clock().now().to_msg(), self.frame_id
-            self.twist_pub.publish(t)
+    def _zero_twist(self) -> TwistStamped:
+        t = TwistStamped()
+        t.header.stamp, t.header.frame_id = self.get_clock().now().to_msg(), self.frame_id
+        return t
+
+    def _publish_hold(self) -> bool:
+        """A zero twist now (the tick keeps sending them); False if it was not sent."""
+        return self._send(getattr(self, "twist_pub", None), self._zero_twist())
+
+    def _send(self, pub, msg) -> bool:
+        """Publish; a refusal by the middleware is counted and logged, not a fault of this node.
+
+        Fast DDS refuses publishes ("cannot publish data") for about a second behind a reader that was
+        just stopped or killed (a controller, rt2-status). Latching an "internal error" fault for that
+        ended the episode: instead the next tick sends a fresh command, and until one gets through the
+        controller's own command timeout stops the arm.
+        """
+        if pub is None:
+            return False
+        try:
+            pub.publish(msg)
+            return True
+        except _rclpy.RCLError as exc:
+            self.errors["publish_refused"] += 1
+            self.get_logger().warning(f"the middleware refused a publish ({exc!s:.200}); the next one is sent as "
+                                      "usual (publish_refused in /diagnostics)", throttle_duration_sec=5.0)
+            return False
 
     def _publish_status(self) -> None:
         if self.filter is None:
@@ -522,7 +544,7 @@ class SafetyNode(LifecycleNode):
         drops = sorted((self.drops + Counter(self.filter.drop_counts)).items())
         s.drop_causes = [k for k, _ in drops]
         s.drop_counts = [int(v) for _, v in drops]
-        self.status_pub.publish(s)
+        self._send(self.status_pub, s)
 
         d = DiagnosticStatus(name="rt2_safety: safety filter", hardware_id=self.frame_id)
         d.level = {SafetyState.ESTOPPED: DiagnosticStatus.ERROR, SafetyState.FAULT: DiagnosticStatus.ERROR,
@@ -533,7 +555,7 @@ class SafetyNode(LifecycleNode):
         d.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         arr = DiagnosticArray(status=[d])
         arr.header.stamp = s.header.stamp
-        self.diag_pub.publish(arr)
+        self._send(self.diag_pub, arr)
 
     def _publish_markers(self) -> None:
         assert self.filter is not None
@@ -552,7 +574,7 @@ class SafetyNode(LifecycleNode):
         target.scale.x = target.scale.y = target.scale.z = 0.03
         target.color = ColorRGBA(r=0.2, g=0.4, b=1.0, a=0.8)
         markers.append(target)
-        self.marker_pub.publish(MarkerArray(markers=markers))
+        self._send(self.marker_pub, MarkerArray(markers=markers))
 
     def _box_marker(self, mid: int, ns: str, lo, hi, color: ColorRGBA, stamp) -> Marker:
         m = Marker(ns=ns, id=mid, type=Marker.LINE_LIST, action=Marker.ADD)
@@ -572,20 +594,17 @@ class SafetyNode(LifecycleNode):
         """Leave the arm holding: one last zero twist, retried for up to CLOSE_HOLD_RETRY_S in total.
 
         Fast DDS can refuse a publish ("cannot publish data") for about a second behind a controller
-        that was just stopped or killed (README: the command stream under a stuck reader); that refusal
-        escaped from here and made the node exit 1 without its last zero twist. If it still fails, the
-        controller's own command timeout (MoveIt Servo: 0.1 s) stops the arm; the error is logged.
+        that was just stopped or killed (README: the command stream under a stuck reader). If it is still
+        refused, the controller's own command timeout (MoveIt Servo: 0.1 s) stops the arm; that is logged.
         """
+        if getattr(self, "twist_pub", None) is None:
+            return
         deadline = time.monotonic() + CLOSE_HOLD_RETRY_S
-        while True:
-            try:
-                self._publish_hold()
+        while not self._publish_hold():
+            if time.monotonic() >= deadline:
+                self.get_logger().error(f"the last zero twist was not sent within {CLOSE_HOLD_RETRY_S} s")
                 return
-            except _rclpy.RCLError as exc:
-                if time.monotonic() >= deadline:
-                    self.get_logger().error(f"the last zero twist was not sent within {CLOSE_HOLD_RETRY_S} s: {exc}")
-                    return
-                time.sleep(0.05)
+            time.sleep(0.05)
 
 
 def main(args: list[str] | None = None) -> int:
